@@ -1,0 +1,32 @@
+"""Wiring: build the daemon's parts from ``Settings``. The only module that knows every other one."""
+
+from __future__ import annotations
+
+from streamer import db
+from streamer.checkpoint import load_checkpoint
+from streamer.codec import BundledSchemas, Codec, RegistrySchemas
+from streamer.config import Settings
+from streamer.daemon import Daemon, SpectrumClassifier
+from streamer.engine import InferenceEngine
+from streamer.kafka_io import make_consumer, make_producer
+
+__all__ = ["build_daemon"]
+
+
+def build_daemon(settings: Settings, *, upgrade_database: bool = True) -> Daemon:
+    k = settings.kafka
+    url = settings.database.url.get_secret_value()
+    if upgrade_database:
+        db.upgrade(url)
+    resolver = RegistrySchemas(k.schema_registry_url) if k.schema_registry_url else BundledSchemas()
+    engine = InferenceEngine(load_checkpoint(settings.model.path), device=settings.model.device,
+                             max_batch_size=settings.model.max_batch_size)
+    classifier = SpectrumClassifier(engine, codec=Codec("spectrum_packet", resolver=resolver,
+                                                        max_message_bytes=k.max_message_bytes))
+    return Daemon(
+        consumer=make_consumer(k), producer=make_producer(k), database=db.create_engine(url),
+        classifier=classifier, input_topics=k.input_topics, output_topic=k.output_topic,
+        dead_letter_topic=k.dead_letter_topic, output_codec=Codec("annotated_spectrum", resolver=resolver),
+        output_framing=k.output_framing, max_batch_size=settings.batch.max_size, max_wait_s=settings.batch.max_wait_s,
+        retry_backoff_s=settings.batch.retry_backoff_s, retry_backoff_max_s=settings.batch.retry_backoff_max_s,
+    )

@@ -1,0 +1,125 @@
+"""The ``spectranet`` command: run the daemon, publish spectra, classify files, manage the database, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("spectranet")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from streamer.app import build_daemon
+    from streamer.config import load_settings
+
+    settings = load_settings(args.config)
+    logging.getLogger().setLevel(settings.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    daemon = build_daemon(settings)
+    stats = daemon.run(stop, max_messages=args.max_messages, idle_timeout_s=args.idle_timeout)
+    print(f"processed {stats.messages} packets in {stats.batches} batches: {stats.classified} classified, "
+          f"{stats.dead_lettered} dead-lettered")
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from streamer.produce import publish_files
+
+    n_ok, errors = publish_files(args.files, topic=args.topic, bootstrap_servers=args.bootstrap_servers,
+                                 framing=args.framing, survey=args.survey)
+    for path, err in errors:
+        print(f"skipped {path}: {err}", file=sys.stderr)
+    print(f"published {n_ok} packets to {args.topic}")
+    return 1 if errors and not n_ok else 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from streamer.checkpoint import load_checkpoint
+    from streamer.classify import classify_files
+    from streamer.engine import InferenceEngine
+
+    engine = InferenceEngine(load_checkpoint(args.model), device=args.device)
+    failed = 0
+    for result in classify_files(args.files, engine):
+        failed += "error" in result
+        if args.json:
+            print(json.dumps(result), flush=True)
+        elif "error" in result:
+            print(f"{result['file']}: ERROR {result['error']}")
+        else:
+            print(f"{result['file']}: {result['top_class']} (p={result['probabilities'][result['top_class']]:.2f}) "
+                  f"z={result['redshift']:.3f}±{result['redshift_err']:.3f}")
+    return 1 if failed == len(args.files) else 0
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from streamer import db
+    from streamer.config import load_settings
+
+    settings = load_settings(args.config)
+    db.upgrade(settings.database.url.get_secret_value(), args.revision)
+    print(f"database upgraded to {args.revision}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamer.demo import run_demo
+
+    return run_demo(output_dir=args.output)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spectranet", description="SpectraNet Stream: classify transient spectra.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon (Kafka in, database + Kafka out)")
+    p.add_argument("--config", type=Path, help="YAML config file (env SPECTRANET_* overrides it)")
+    p.add_argument("--max-messages", type=int, help="stop after this many packets (testing)")
+    p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without packets")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("produce", help="publish spectrum files as spectrum packets")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--topic", required=True)
+    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    p.add_argument("--framing", choices=["schemaless", "confluent", "container"], default="schemaless")
+    p.add_argument("--survey", default="TNS")
+    p.set_defaults(func=_cmd_produce)
+
+    p = sub.add_parser("classify", help="classify spectrum files (no Kafka, no database)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+    p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("db", help="database management")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    q = dbsub.add_parser("upgrade", help="apply Alembic migrations")
+    q.add_argument("--config", type=Path)
+    q.add_argument("--revision", default="head")
+    q.set_defaults(func=_cmd_db_upgrade)
+
+    p = sub.add_parser("demo", help="the whole pipeline on embedded defaults (tansu broker, SQLite, shipped model)")
+    p.add_argument("--output", type=Path, default=Path("spectranet-demo"))
+    p.set_defaults(func=_cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

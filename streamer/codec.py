@@ -1,0 +1,192 @@
+"""Avro framing: bytes on the wire <-> packet dicts in the reader schema.
+
+Three framings are accepted on input, sniffed from the first bytes:
+
+* ``container`` — a one-record Avro object container file (the ZTF convention; starts with ``Obj\\x01``); the writer
+  schema is inside the message.
+* ``confluent`` — magic byte 0, a big-endian 4-byte schema id, then schemaless Avro; the writer schema comes from a
+  schema registry or from the bundled schemas.
+* ``schemaless`` — plain Avro body written with our bundled schema of the same major version.
+
+Whatever the writer schema, decoding resolves it to the reader schema (the bundled latest), so downstream code sees
+one shape. Encoding writes schemaless by default and the Confluent format on request.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import fastavro
+
+import spectranet_schemas as schemas
+from streamer.errors import DecodeError
+
+__all__ = [
+    "Framing",
+    "SchemaResolver",
+    "BundledSchemas",
+    "RegistrySchemas",
+    "Codec",
+    "sniff_framing",
+]
+
+Framing = Literal["schemaless", "confluent", "container"]
+_CONTAINER_MAGIC = b"Obj\x01"
+_CONFLUENT_HEADER = struct.Struct(">bI")
+
+
+class SchemaResolver(Protocol):
+    """Maps a Confluent schema id to a parsed writer schema (and back, for encoding)."""
+
+    def schema(self, schema_id: int) -> dict[str, Any]: ...
+
+    def schema_id(self, name: str, version: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class BundledSchemas:
+    """Schema ids served from the bundled .avsc files, for deployments without a registry.
+
+    The ids must agree between producer and consumer; the defaults give each bundled (name, version) a fixed id.
+    """
+
+    ids: Mapping[int, tuple[str, str]] = field(
+        default_factory=lambda: {
+            1: (schemas.SPECTRUM_PACKET, "1.0"),
+            2: (schemas.ANNOTATED_SPECTRUM, "1.0"),
+        }
+    )
+
+    def schema(self, schema_id: int) -> dict[str, Any]:
+        try:
+            name, version = self.ids[schema_id]
+        except KeyError:
+            raise DecodeError(f"unknown schema id {schema_id} (bundled ids: {sorted(self.ids)})", field="schema_id")
+        return schemas.load_schema(name, version)
+
+    def schema_id(self, name: str, version: str) -> int:
+        for sid, nv in self.ids.items():
+            if nv == (name, version):
+                return sid
+        raise KeyError(f"no bundled schema id for {name} {version}")
+
+
+class RegistrySchemas:
+    """A Confluent-compatible schema registry (``GET /schemas/ids/{id}``, ``POST /subjects/{s}/versions``)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
+        self._url = url.rstrip("/")
+        self._timeout = timeout_s
+        self._by_id: dict[int, dict[str, Any]] = {}
+        self._ids: dict[tuple[str, str], int] = {}
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self._url + path,
+            data=data,
+            headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+            method="GET" if body is None else "POST",
+        )
+        with urllib.request.urlopen(req, timeout=self._timeout) as resp:
+            return json.loads(resp.read())
+
+    def schema(self, schema_id: int) -> dict[str, Any]:
+        if schema_id not in self._by_id:
+            try:
+                reply = self._request(f"/schemas/ids/{schema_id}")
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise DecodeError(f"schema id {schema_id} not in the registry", field="schema_id") from exc
+                raise
+            self._by_id[schema_id] = fastavro.parse_schema(json.loads(reply["schema"]))
+        return self._by_id[schema_id]
+
+    def schema_id(self, name: str, version: str) -> int:
+        key = (name, version)
+        if key not in self._ids:
+            subject = f"spectranet.{name}-value"
+            body = {"schema": json.dumps(schemas.raw_schema(name, version))}
+            self._ids[key] = int(self._request(f"/subjects/{subject}/versions", body)["id"])
+        return self._ids[key]
+
+
+def sniff_framing(data: bytes) -> Framing:
+    """Which framing ``data`` uses; container files and Confluent's magic byte are unambiguous enough."""
+    if data.startswith(_CONTAINER_MAGIC):
+        return "container"
+    if len(data) >= 5 and data[0] == 0:
+        # A schemaless packet starts with the length of schema_version ("1.0" -> 0x06), never with 0.
+        return "confluent"
+    return "schemaless"
+
+
+class Codec:
+    """Encode and decode one record type (spectrum packets or annotated spectra) in every framing."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: str | None = None,
+        resolver: SchemaResolver | None = None,
+        max_message_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.name = name
+        self.version = version or schemas.latest_version()
+        self.reader_schema = schemas.load_schema(name, self.version)
+        self.resolver: SchemaResolver = resolver or BundledSchemas()
+        self.max_message_bytes = max_message_bytes
+
+    def decode(self, data: bytes | None) -> dict[str, Any]:
+        """Bytes in any accepted framing -> a dict in the reader schema; ``DecodeError`` names what is wrong."""
+        if not data:
+            raise DecodeError("empty message", field="value")
+        if len(data) > self.max_message_bytes:
+            raise DecodeError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}", field="value")
+        framing = sniff_framing(data)
+        try:
+            if framing == "container":
+                records = list(fastavro.reader(io.BytesIO(data), reader_schema=self.reader_schema))
+                if len(records) != 1:
+                    raise DecodeError(f"container holds {len(records)} records, expected exactly 1", field="value")
+                record = records[0]
+            else:
+                buf = io.BytesIO(data)
+                writer = self.reader_schema
+                if framing == "confluent":
+                    _, schema_id = _CONFLUENT_HEADER.unpack(buf.read(5))
+                    writer = self.resolver.schema(schema_id)
+                record = fastavro.schemaless_reader(buf, writer, self.reader_schema)
+                if buf.tell() != len(data):
+                    raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the record", field="value")
+        except DecodeError:
+            raise
+        except (EOFError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, struct.error) as exc:
+            # fastavro reports truncation and schema mismatch through these; anything else is our bug and propagates.
+            raise DecodeError(f"not a valid {self.name} in {framing} framing: {type(exc).__name__}: {exc}", field="value") from exc
+        except Exception as exc:  # fastavro raises its own SchemaResolutionError and friends
+            if type(exc).__module__.startswith("fastavro"):
+                raise DecodeError(f"not a valid {self.name} in {framing} framing: {exc}", field="value") from exc
+            raise
+        if not isinstance(record, dict):
+            raise DecodeError("decoded value is not a record", field="value")
+        return record
+
+    def encode(self, record: Mapping[str, Any], *, framing: Framing = "schemaless") -> bytes:
+        """A dict -> bytes; fastavro validates types and raises ``ValueError``/``TypeError`` naming the field."""
+        buf = io.BytesIO()
+        if framing == "confluent":
+            buf.write(_CONFLUENT_HEADER.pack(0, self.resolver.schema_id(self.name, self.version)))
+            fastavro.schemaless_writer(buf, self.reader_schema, dict(record))
+        elif framing == "container":
+            fastavro.writer(buf, self.reader_schema, [dict(record)], codec="null")
+        else:
+            fastavro.schemaless_writer(buf, self.reader_schema, dict(record))
+        return buf.getvalue()

@@ -1,0 +1,134 @@
+"""Typed configuration: defaults < config file (YAML) < environment variables (``SPECTRANET_...``).
+
+Nested settings use a double underscore in the environment, e.g. ``SPECTRANET_KAFKA__BOOTSTRAP_SERVERS`` or
+``SPECTRANET_DATABASE__URL``. Secrets (the database URL, Kafka client passwords) are ``SecretStr`` and never appear
+in logs or ``repr``; they can also be read from a file named by ``SPECTRANET_DATABASE__URL_FILE``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streamer.errors import ConfigError
+
+__all__ = ["Settings", "KafkaSettings", "DatabaseSettings", "ModelSettings", "BatchSettings", "load_settings"]
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("spectranet_config_file", default=None)
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "spectranet"
+    input_topics: list[str] = ["spectra"]
+    output_topic: str = "spectra.annotated"
+    dlq_topic: str | None = None                 # default: '<first input topic>.dlq'
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+    output_framing: Literal["schemaless", "confluent"] = "schemaless"
+    schema_registry_url: str | None = None       # with output_framing=confluent; bundled ids otherwise
+    max_message_bytes: int = 8 * 1024 * 1024
+    # Extra librdkafka properties (security.protocol, sasl.*, ssl.*): passed through; values are secrets.
+    client_properties: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.input_topics[0]}.dlq"
+
+    def client_config(self) -> dict[str, str]:
+        """Properties shared by consumer, producer and admin client (secrets revealed only here)."""
+        conf = {"bootstrap.servers": self.bootstrap_servers}
+        conf.update({k: v.get_secret_value() for k, v in self.client_properties.items()})
+        return conf
+
+
+class DatabaseSettings(BaseModel):
+    url: SecretStr = SecretStr("sqlite:///spectranet.sqlite")
+    store_arrays: bool = False
+
+
+class ModelSettings(BaseModel):
+    path: Path | None = None                     # None: the model shipped in the package
+    device: str = "auto"                         # auto | cpu | cuda | cuda:N
+    max_batch_size: int = 256
+
+
+class BatchSettings(BaseModel):
+    max_size: int = 64                           # close a micro-batch at this many packets ...
+    max_wait_s: float = 1.0                      # ... or after this long, whichever comes first
+    retry_backoff_s: float = 1.0                 # first wait after an infrastructure failure (doubles, capped)
+    retry_backoff_max_s: float = 30.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPECTRANET_", env_nested_delimiter="__", extra="forbid")
+
+    kafka: KafkaSettings = KafkaSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    model: ModelSettings = ModelSettings()
+    batch: BatchSettings = BatchSettings()
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {v!r}")
+        return v.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.kafka.output_topic in self.kafka.input_topics:
+            raise ValueError("output_topic must differ from the input topics (the daemon would classify its own output)")
+        if self.kafka.dead_letter_topic in self.kafka.input_topics:
+            raise ValueError("dlq_topic must differ from the input topics")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The config file given to ``load_settings`` or named by ``SPECTRANET_CONFIG`` (below the environment)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _CONFIG_FILE.get() or os.environ.get("SPECTRANET_CONFIG")
+        data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+        url_file = os.environ.get("SPECTRANET_DATABASE__URL_FILE")
+        if url_file:
+            data.setdefault("database", {})["url"] = Path(url_file).read_text().strip()
+        return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults, ``config_file`` (or ``SPECTRANET_CONFIG``), the environment, then ``overrides``."""
+    token = _CONFIG_FILE.set(Path(config_file) if config_file is not None else None)
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -1,0 +1,152 @@
+"""Result storage: SQLAlchemy Core tables, idempotent writes, and Alembic upgrades.
+
+Every write is an ``INSERT ... ON CONFLICT DO NOTHING`` keyed by what makes a result unique (spectrum id, revision
+and model for classifications; topic, partition and offset for dead letters), so replaying a batch after a crash
+leaves the database as if it had been written once. One batch is one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+__all__ = ["metadata", "models", "spectra", "classifications", "dead_letters", "ClassificationRow",
+           "DeadLetterRow", "create_engine", "upgrade", "write_batch", "register_model"]
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+metadata = sa.MetaData()
+
+models = sa.Table(
+    "models", metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("weights_sha256", sa.String(64), nullable=False),
+    sa.Column("taxonomy", JSONType, nullable=False),
+    sa.Column("model_metadata", JSONType, nullable=False),
+    sa.Column("registered_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+)
+
+spectra = sa.Table(
+    "spectra", metadata,
+    sa.Column("spectrum_id", sa.String(256), primary_key=True),
+    sa.Column("revision", sa.Integer, primary_key=True),
+    sa.Column("object_id", sa.String(256), nullable=False, index=True),
+    sa.Column("survey", sa.String(64), nullable=False),
+    sa.Column("tns_name", sa.String(64)),
+    sa.Column("instrument", sa.String(128), nullable=False),
+    sa.Column("ra", sa.Float),
+    sa.Column("dec", sa.Float),
+    sa.Column("obs_mjd", sa.Float, nullable=False),
+    sa.Column("n_pixels", sa.Integer, nullable=False),
+    sa.Column("produced_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+classifications = sa.Table(
+    "classifications", metadata,
+    sa.Column("spectrum_id", sa.String(256), primary_key=True),
+    sa.Column("revision", sa.Integer, primary_key=True),
+    sa.Column("model_name", sa.String(128), primary_key=True),
+    sa.Column("model_version", sa.String(64), primary_key=True),
+    sa.Column("annotation_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("object_id", sa.String(256), nullable=False, index=True),
+    sa.Column("probabilities", JSONType, nullable=False),
+    sa.Column("top_class", sa.String(32), nullable=False),
+    sa.Column("top_probability", sa.Float, nullable=False),
+    sa.Column("z", sa.Float, nullable=False),
+    sa.Column("z_err", sa.Float),
+    sa.Column("z_method", sa.String(16), nullable=False),
+    sa.Column("coverage_fraction", sa.Float, nullable=False),
+    sa.Column("median_snr", sa.Float),
+    sa.Column("ood_score", sa.Float),
+    sa.Column("flags", JSONType, nullable=False),
+    sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("source_topic", sa.String(256), nullable=False),
+    sa.Column("source_partition", sa.Integer, nullable=False),
+    sa.Column("source_offset", sa.BigInteger, nullable=False),
+)
+
+dead_letters = sa.Table(
+    "dead_letters", metadata,
+    sa.Column("source_topic", sa.String(256), primary_key=True),
+    sa.Column("source_partition", sa.Integer, primary_key=True),
+    sa.Column("source_offset", sa.BigInteger, primary_key=True),
+    sa.Column("spectrum_id", sa.String(256)),
+    sa.Column("error_class", sa.String(64), nullable=False),
+    sa.Column("error_field", sa.String(64)),
+    sa.Column("error_message", sa.Text, nullable=False),
+    sa.Column("payload", sa.LargeBinary),
+    sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ClassificationRow:
+    """One spectrum's packet metadata plus its classification by one model."""
+
+    spectrum: dict[str, Any]        # columns of ``spectra``
+    classification: dict[str, Any]  # columns of ``classifications``
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    values: dict[str, Any]          # columns of ``dead_letters``
+
+
+def create_engine(url: str) -> Engine:
+    """An engine with the pool settings a long-running daemon wants (stale connections are detected, not crashed on)."""
+    return sa.create_engine(url, pool_pre_ping=True, future=True)
+
+
+def _alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(resources.files("streamer") / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` with Alembic (``spectranet db upgrade``); tables are never created by hand."""
+    command.upgrade(_alembic_config(url), revision)
+
+
+def _insert(engine_or_conn: sa.Connection, table: sa.Table) -> Any:
+    dialect = engine_or_conn.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"idempotent inserts are implemented for PostgreSQL and SQLite, not {dialect}")
+
+
+def register_model(engine: Engine, *, name: str, version: str, weights_sha256: str,
+                   taxonomy: Sequence[str], model_metadata: dict[str, Any]) -> None:
+    """Record the model in the registry (once; the same name+version with other weights is an error)."""
+    with engine.begin() as conn:
+        conn.execute(_insert(conn, models).values(
+            name=name, version=version, weights_sha256=weights_sha256,
+            taxonomy=list(taxonomy), model_metadata=model_metadata,
+        ).on_conflict_do_nothing())
+        stored = conn.execute(sa.select(models.c.weights_sha256).where(
+            models.c.name == name, models.c.version == version)).scalar_one()
+    if stored != weights_sha256:
+        raise ValueError(f"model {name} {version} is registered with weights {stored[:12]}..., "
+                         f"not {weights_sha256[:12]}...; bump the model version")
+
+
+def write_batch(engine: Engine, rows: Sequence[ClassificationRow], dead: Sequence[DeadLetterRow] = ()) -> None:
+    """Write a batch's results and dead letters in one transaction; replays are no-ops."""
+    with engine.begin() as conn:
+        if rows:
+            conn.execute(_insert(conn, spectra).on_conflict_do_nothing(), [r.spectrum for r in rows])
+            conn.execute(_insert(conn, classifications).on_conflict_do_nothing(), [r.classification for r in rows])
+        if dead:
+            conn.execute(_insert(conn, dead_letters).on_conflict_do_nothing(), [d.values for d in dead])

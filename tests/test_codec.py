@@ -1,0 +1,132 @@
+"""The Avro contract: golden packets in every framing, schema evolution, and clear decode errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fastavro
+import pytest
+
+import spectranet_schemas as schemas
+from streamer.codec import BundledSchemas, Codec, sniff_framing
+from streamer.errors import DecodeError
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+FRAMINGS = ("schemaless", "confluent", "container")
+
+
+def expected_packet() -> dict:
+    record = json.loads((GOLDEN / "spectrum_packet_v1_0.json").read_text())
+    record["produced_at"] = datetime.fromtimestamp(record["produced_at"] / 1000, tz=timezone.utc)
+    return record
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_golden_packets_decode_to_the_reader_schema(framing: str) -> None:
+    data = (GOLDEN / f"spectrum_packet_v1_0.{framing}.avro").read_bytes()
+    assert sniff_framing(data) == framing
+    assert Codec("spectrum_packet").decode(data) == expected_packet()
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_encode_decode_round_trip(framing: str) -> None:
+    codec = Codec("spectrum_packet")
+    packet = expected_packet()
+    assert codec.decode(codec.encode(packet, framing=framing)) == packet
+
+
+def test_schemaless_encoding_is_the_default_and_stable() -> None:
+    codec = Codec("spectrum_packet")
+    golden = (GOLDEN / "spectrum_packet_v1_0.schemaless.avro").read_bytes()
+    assert codec.encode(expected_packet()) == golden
+
+
+@pytest.mark.parametrize("version", schemas.versions())
+@pytest.mark.parametrize("name", [schemas.SPECTRUM_PACKET, schemas.ANNOTATED_SPECTRUM])
+def test_every_schema_version_is_namespaced_and_documented(name: str, version: str) -> None:
+    raw = schemas.raw_schema(name, version)
+    major, minor = version.split(".")
+    assert raw["namespace"] == f"spectranet.v{major}_{minor}"
+    undocumented = [f["name"] for f in raw["fields"] if not f.get("doc")]
+    assert undocumented == []
+    schemas.load_schema(name, version)  # parses
+
+
+def _evolved_schema(extra_field: bool) -> dict:
+    """A writer schema one minor version ahead (extra field) or behind (an optional field missing)."""
+    raw = copy.deepcopy(schemas.raw_schema(schemas.SPECTRUM_PACKET, "1.0"))
+    if extra_field:
+        raw["namespace"] = "spectranet.v1_1"
+        raw["fields"].append({"name": "airmass", "type": ["null", "double"], "default": None, "doc": "x"})
+    else:
+        raw["namespace"] = "spectranet.v0_9"
+        raw["fields"] = [f for f in raw["fields"] if f["name"] != "exptime"]
+    return fastavro.parse_schema(raw)
+
+
+@pytest.mark.parametrize("extra_field", [True, False])
+def test_other_minor_versions_resolve_to_the_reader_schema(extra_field: bool) -> None:
+    writer = _evolved_schema(extra_field)
+    packet = expected_packet()
+    if extra_field:
+        packet_w = {**packet, "airmass": 1.2}
+    else:
+        packet_w = {k: v for k, v in packet.items() if k != "exptime"}
+    # Container framing carries its writer schema.
+    buf = io.BytesIO()
+    fastavro.writer(buf, writer, [packet_w])
+    decoded = Codec("spectrum_packet").decode(buf.getvalue())
+    assert "airmass" not in decoded
+    assert decoded["exptime"] == (packet["exptime"] if extra_field else None)
+    # Confluent framing: writer schema looked up by id.
+    resolver = BundledSchemas(ids={7: ("spectrum_packet", "1.0")})
+    body = io.BytesIO()
+    body.write(struct.pack(">bI", 0, 42))
+    fastavro.schemaless_writer(body, writer, packet_w)
+
+    class OneSchema:
+        def schema(self, schema_id: int) -> dict:
+            assert schema_id == 42
+            return writer
+
+        def schema_id(self, name: str, version: str) -> int:
+            return resolver.schema_id(name, version)
+
+    decoded = Codec("spectrum_packet", resolver=OneSchema()).decode(body.getvalue())
+    assert "airmass" not in decoded and decoded["spectrum_id"] == packet["spectrum_id"]
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"", "empty"),
+    (b"\x06abc", "not a valid"),
+    (b"\x00\x00\x00\x00\x63" + b"\x06", "unknown schema id 99"),
+    (b"Obj\x01garbage", "not a valid"),
+])
+def test_bad_bytes_raise_decode_error_naming_the_problem(data: bytes, fragment: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        Codec("spectrum_packet").decode(data)
+    assert fragment in str(info.value)
+    assert info.value.field in {"value", "schema_id"}
+
+
+@pytest.mark.parametrize("cut", [1, 10, 100, 1000, -1])
+def test_truncated_packets_are_decode_errors(cut: int) -> None:
+    data = (GOLDEN / "spectrum_packet_v1_0.schemaless.avro").read_bytes()
+    with pytest.raises(DecodeError):
+        Codec("spectrum_packet").decode(data[:cut])
+
+
+def test_trailing_bytes_are_rejected() -> None:
+    data = (GOLDEN / "spectrum_packet_v1_0.schemaless.avro").read_bytes()
+    with pytest.raises(DecodeError, match="trailing"):
+        Codec("spectrum_packet").decode(data + b"\x00\x01")
+
+
+def test_oversized_message_is_rejected_before_decoding() -> None:
+    with pytest.raises(DecodeError, match="exceeds the limit"):
+        Codec("spectrum_packet", max_message_bytes=100).decode(b"\x06" * 101)

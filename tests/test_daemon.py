@@ -1,0 +1,136 @@
+"""The loop's delivery logic with in-process fakes and SQLite: dead letters, retries, idempotent replays."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from streamer import db
+from streamer.checkpoint import load_checkpoint
+from streamer.codec import Codec
+from streamer.daemon import Daemon, SpectrumClassifier
+from streamer.engine import InferenceEngine
+from streamer.packets import packet_from_file
+from streamer.readers import read_spectrum
+from tests.fakes import FakeConsumer, FakeMessage, FakeProducer
+
+DATA = Path(__file__).parent / "data" / "spectra"
+IN, OUT, DLQ = "spectra", "spectra.annotated", "spectra.dlq"
+
+
+@pytest.fixture(scope="module")
+def engine() -> InferenceEngine:
+    return InferenceEngine(load_checkpoint(), device="cpu")
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> sa.Engine:
+    url = f"sqlite:///{tmp_path / 'results.sqlite'}"
+    db.upgrade(url)
+    return db.create_engine(url)
+
+
+def _packets(n: int) -> list[dict]:
+    files = sorted(DATA.glob("*.txt"))[:n]
+    return [packet_from_file(read_spectrum(f), produced_at_ms=1_700_000_000_000) for f in files]
+
+
+def _messages(n_good: int) -> tuple[list[FakeMessage], list[dict], set[int]]:
+    """``n_good`` real packets with three bad ones mixed in; returns messages, good packets, bad offsets."""
+    codec = Codec("spectrum_packet")
+    good = _packets(n_good)
+    values = [codec.encode(p) for p in good]
+    short = dict(good[0], spectrum_id="bad-lengths", flux=good[0]["flux"][:-5])
+    unit = dict(good[1], spectrum_id="bad-unit", wavelength_unit="furlong")
+    bad = {2: b"\x06not avro at all", 5: codec.encode(short), 9: codec.encode(unit)}
+    for offset in sorted(bad):
+        values.insert(offset, bad[offset])
+    msgs = [FakeMessage(IN, 0, i, v, b"key") for i, v in enumerate(values)]
+    return msgs, good, set(bad)
+
+
+def _daemon(consumer: FakeConsumer, producer: FakeProducer, database: sa.Engine, engine: InferenceEngine,
+            **kw: object) -> Daemon:
+    return Daemon(consumer=consumer, producer=producer, database=database,
+                  classifier=SpectrumClassifier(engine, codec=Codec("spectrum_packet")), input_topics=[IN],
+                  output_topic=OUT, dead_letter_topic=DLQ, output_codec=Codec("annotated_spectrum"),
+                  max_batch_size=4, max_wait_s=0.01, retry_backoff_s=0.01, **kw)
+
+
+def _rows(database: sa.Engine, table: sa.Table) -> list[dict]:
+    with database.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(table)).mappings()]
+
+
+def test_bad_packets_are_dead_lettered_and_good_ones_classified(engine, database) -> None:
+    msgs, good, bad = _messages(10)
+    consumer, producer = FakeConsumer(msgs), FakeProducer()
+    stats = _daemon(consumer, producer, database, engine).run(max_messages=len(msgs))
+
+    assert (stats.classified, stats.dead_lettered) == (10, 3)
+    assert {r["spectrum_id"] for r in _rows(database, db.classifications)} == {p["spectrum_id"] for p in good}
+    out = [Codec("annotated_spectrum").decode(m["value"]) for m in producer.on(OUT)]
+    assert sorted(a["spectrum_id"] for a in out) == sorted(p["spectrum_id"] for p in good)
+    assert all(abs(sum(c["probability"] for c in a["classifications"]) - 1) < 1e-5 for a in out)
+
+    dlq = producer.on(DLQ)
+    assert [int(dict(m["headers"])["spectranet.source.offset"]) for m in dlq] == sorted(bad)
+    reasons = {dict(m["headers"])["spectranet.error.field"].decode(): dict(m["headers"])["spectranet.error.class"]
+               for m in dlq}
+    assert reasons == {"value": b"DecodeError", "flux": b"ValidationError", "wavelength_unit": b"UnitError"}
+    assert all(m["value"] == msgs[int(dict(m["headers"])["spectranet.source.offset"])].value() for m in dlq)
+    dead_rows = _rows(database, db.dead_letters)
+    assert sorted(r["source_offset"] for r in dead_rows) == sorted(bad)
+    assert consumer.committed == {(IN, 0): len(msgs)}
+    assert consumer.closed
+
+
+def test_offsets_wait_for_delivery_reports(engine, database) -> None:
+    msgs, good, _ = _messages(6)
+    consumer, producer = FakeConsumer(msgs), FakeProducer(fail_flushes=2)
+    stats = _daemon(consumer, producer, database, engine).run(max_messages=len(msgs))
+    # The first batch failed delivery twice: nothing was committed until it was delivered.
+    assert consumer.commits and len(consumer.commits) == stats.batches
+    first_commit_offsets = {tp.offset for tp in consumer.commits[0]}
+    assert first_commit_offsets == {4}
+    assert len(producer.on(OUT)) == 6 and stats.classified == 6
+    assert len(_rows(database, db.classifications)) == 6
+
+
+def test_database_failure_never_commits_and_never_dead_letters(engine, tmp_path) -> None:
+    msgs, _, _ = _messages(4)
+    broken = db.create_engine(f"sqlite:///{tmp_path / 'no-tables.sqlite'}")  # no migration: inserts fail
+    db.metadata.tables["models"].create(broken)  # the registry works, the results tables do not exist
+    consumer, producer = FakeConsumer(msgs), FakeProducer()
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    stats = _daemon(consumer, producer, broken, engine).run(stop, max_messages=len(msgs))
+    timer.cancel()
+    assert consumer.commits == []
+    assert producer.delivered == []
+    assert stats.messages == 0
+
+
+def test_replaying_a_batch_is_idempotent(engine, database) -> None:
+    msgs, good, _ = _messages(5)
+    first, second = FakeProducer(), FakeProducer()
+    _daemon(FakeConsumer(msgs), first, database, engine).run(max_messages=len(msgs))
+    _daemon(FakeConsumer(msgs), second, database, engine).run(max_messages=len(msgs))  # crash before commit
+    assert len(_rows(database, db.classifications)) == 5
+    assert len(_rows(database, db.spectra)) == 5
+    ids_first = sorted(Codec("annotated_spectrum").decode(m["value"])["annotation_id"] for m in first.on(OUT))
+    ids_second = sorted(Codec("annotated_spectrum").decode(m["value"])["annotation_id"] for m in second.on(OUT))
+    assert ids_first == ids_second and len(set(ids_first)) == 5
+
+
+def test_resumes_after_committed_offsets(engine, database) -> None:
+    msgs, _, _ = _messages(6)
+    consumer = FakeConsumer(msgs, committed={(IN, 0): 4})
+    producer = FakeProducer()
+    stats = _daemon(consumer, producer, database, engine).run(max_messages=len(msgs) - 4)
+    assert stats.messages == len(msgs) - 4
+    assert consumer.committed == {(IN, 0): len(msgs)}
