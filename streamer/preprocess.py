@@ -75,6 +75,8 @@ FLAGS: Mapping[str, str] = {
     "no_redshift": "rest frame was requested but no redshift was given; the spectrum stays in the observed frame",
 }
 _NEGATIVE_FLUX_FRACTION = 0.01
+_CLIP_PASSES = 2  # continuum fit: refits after clipping lines (the first fit is biased near strong lines)
+_MIN_CLIP = 0.02  # continuum fit: residuals within 2% are never clipped (noiseless spectra have sigma ~ 0)
 
 _C_AA_PER_S: float = const.c.to_value(u.AA / u.s)  # speed of light in Angstrom / s
 _HC_ERG_AA: float = (const.h * const.c).to_value(u.erg * u.AA)  # photon energy * wavelength
@@ -602,28 +604,45 @@ def _natural_cubic_spline(x: FloatArray, y: FloatArray, x_eval: FloatArray) -> F
                     np.where(x_eval > x[-1], y[-1] + (x_eval - x[-1]) * d_end, inside))
 
 
-def remove_continuum(flux: FloatArray, coverage: np.ndarray, knots: int = 13, *, apodise: float = 0.05) -> FloatArray:
+def _log_continuum(flux: FloatArray, idx: np.ndarray, knots: int) -> tuple[FloatArray, FloatArray]:
+    """Spline knots (log flux, position) from the medians of ``knots`` near-equal chunks of ``flux[idx]``."""
+    n_knots = min(knots, idx.size)
+    knot_flux = _chunk_medians(flux[idx], n_knots)
+    knot_pos = _chunk_medians(idx.astype(np.float64), n_knots)
+    top = float(knot_flux.max())
+    if not (top > 0 and math.isfinite(top)):
+        raise PreprocessError("the continuum is not positive anywhere; cannot divide by it", field="flux")
+    return np.log(np.maximum(knot_flux, 1e-3 * top)), knot_pos
+
+
+def remove_continuum(flux: FloatArray, coverage: np.ndarray, knots: int = 13, *, apodise: float = 0.05,
+                     clip: float = 3.0) -> FloatArray:
     """SNID-style continuum removal: flux / continuum - 1, cosine-tapered to 0 at the covered edges.
 
     The continuum is a natural cubic spline in log flux through the medians of ``knots`` equal chunks of the covered
-    bins (medians ignore narrow lines; working in log keeps the continuum positive). Knot medians below 1e-3 of the
-    largest are floored there so that noise near zero flux cannot blow up the division. The first and last
-    ``apodise`` fraction of the covered range is multiplied by a cosine bell. Bins outside coverage are 0.
+    bins (medians ignore narrow lines; working in log keeps the continuum positive). It is refitted twice: bins whose
+    previous-pass residual lies more than ``clip`` robust sigmas (and 2%) from the median are left out of the second pass, so
+    a strong line does not drag its knot up. Knot medians below 1e-3 of the largest are floored there so that noise
+    near zero flux cannot blow up the division. The first and last ``apodise`` fraction of the covered range is
+    multiplied by a cosine bell. Bins outside coverage are 0.
     """
     f = np.asarray(flux, dtype=np.float64)
     cov = np.asarray(coverage, dtype=bool)
     idx = np.flatnonzero(cov)
     if idx.size == 0:
         raise NoOverlapError("no covered bins to fit a continuum to", field="wavelength")
-    n_knots = min(knots, idx.size)
-    knot_flux = _chunk_medians(f[idx], n_knots)
-    knot_pos = _chunk_medians(idx.astype(np.float64), n_knots)
-    top = float(knot_flux.max())
-    if not (top > 0 and math.isfinite(top)):
-        raise PreprocessError("the continuum is not positive anywhere; cannot divide by it", field="flux")
-    log_cont = _natural_cubic_spline(knot_pos, np.log(np.maximum(knot_flux, 1e-3 * top)), idx.astype(np.float64))
+    x = idx.astype(np.float64)
+    knot_y, knot_x = _log_continuum(f, idx, knots)
+    for _ in range(_CLIP_PASSES):
+        resid = f[idx] / np.exp(_natural_cubic_spline(knot_x, knot_y, x)) - 1.0
+        centre = np.median(resid)
+        sigma = 1.4826 * np.median(np.abs(resid - centre))
+        keep = np.abs(resid - centre) <= max(clip * sigma, _MIN_CLIP)
+        if np.count_nonzero(keep) < max(knots, idx.size // 2):
+            break
+        knot_y, knot_x = _log_continuum(f, idx[keep], knots)
     out = np.zeros_like(f)
-    out[idx] = f[idx] / np.exp(log_cont) - 1.0
+    out[idx] = f[idx] / np.exp(_natural_cubic_spline(knot_x, knot_y, x)) - 1.0
 
     span = idx[-1] - idx[0] + 1
     n_taper = max(1, int(round(apodise * span)))

@@ -225,16 +225,14 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def _parse_rows(
-    lines: Sequence[tuple[int, str]], *, path: str, ncols: int | None, allowed: tuple[int, ...] = (2, 3)
-) -> np.ndarray:
-    """Parse numeric rows into an (nrows, ncols) float64 array; the first row fixes ncols when not given."""
+def _parse_rows(lines: Sequence[tuple[int, str]], *, path: str, ncols: int | None) -> np.ndarray:
+    """Parse numeric rows into an (nrows, ncols) float64 array; without ``ncols`` the first row sets it (2 or 3)."""
     if not lines:
         raise _fail(path, "no data rows")
     rows = [_tokens(line) for _, line in lines]
     expected = ncols if ncols is not None else len(rows[0])
-    if ncols is None and expected not in allowed:
-        raise _fail(path, f"expected {' or '.join(map(str, allowed))} columns, found {expected}", line=lines[0][0])
+    if ncols is None and expected not in (2, 3):
+        raise _fail(path, f"expected 2 or 3 columns, found {expected}", line=lines[0][0])
     for (number, _), tokens in zip(lines, rows):
         if len(tokens) != expected:
             raise _fail(path, f"expected {expected} columns, found {len(tokens)}", line=number)

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -43,6 +44,7 @@ from streamer.errors import InfrastructureError
 
 __all__ = [
     "KAFKA_VERSION",
+    "KafkaClasspath",
     "KafkaService",
     "PostgresService",
     "ServiceUnavailable",
@@ -222,8 +224,13 @@ _KAFKA_POM = """\
 """
 
 
-def kafka_classpath(*, mvn: str, version: str = KAFKA_VERSION) -> tuple[str, bool]:
-    """Return the runtime classpath of Apache Kafka ``version`` and whether it came from the cache.
+class KafkaClasspath(NamedTuple):
+    jars: str  # os.pathsep-separated, for java -cp
+    from_cache: bool
+
+
+def kafka_classpath(*, mvn: str, version: str = KAFKA_VERSION) -> KafkaClasspath:
+    """Return the runtime classpath of Apache Kafka ``version``, noting whether it came from the cache.
 
     The first call runs ``mvn dependency:build-classpath`` in ``cache_dir()/kafka-<version>`` and keeps the result
     in ``cp.txt``; later calls read it, unless a jar it names has gone (``~/.m2`` wiped).
@@ -233,7 +240,7 @@ def kafka_classpath(*, mvn: str, version: str = KAFKA_VERSION) -> tuple[str, boo
     if cp_file.is_file():
         classpath = cp_file.read_text().strip()
         if classpath and all(Path(jar).is_file() for jar in classpath.split(os.pathsep)):
-            return classpath, True
+            return KafkaClasspath(classpath, from_cache=True)
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pom.xml").write_text(_KAFKA_POM.format(version=version))
@@ -252,12 +259,12 @@ def kafka_classpath(*, mvn: str, version: str = KAFKA_VERSION) -> tuple[str, boo
         output = (result.stdout + result.stderr).strip()[-3000:]
         raise InfrastructureError(f"mvn could not resolve Apache Kafka {version} in {folder}:\n{output}")
     os.replace(partial, cp_file)
-    return cp_file.read_text().strip(), False
+    return KafkaClasspath(cp_file.read_text().strip(), from_cache=False)
 
 
 def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
     resolve_started = time.monotonic()
-    classpath, cached = kafka_classpath(mvn=mvn)
+    classpath = kafka_classpath(mvn=mvn)
     resolve_s = time.monotonic() - resolve_started
 
     workdir = Path(tempfile.mkdtemp(prefix="spectranet-kafka-"))
@@ -290,7 +297,8 @@ def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
             ]
         )
     )
-    jvm = [java, "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true", "-cp", classpath]
+    # A small heap and the serial collector: one test broker on a 2-core machine, not a production one.
+    jvm = [java, "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true", "-cp", classpath.jars]
     format_result = subprocess.run(
         [*jvm, "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(properties), "--standalone"],
         stdin=subprocess.DEVNULL,
@@ -321,7 +329,7 @@ def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
         terminate(process, timeout=20.0)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    how = "classpath from cache" if cached else f"classpath resolved by mvn in {resolve_s:.1f} s"
+    how = "classpath from cache" if classpath.from_cache else f"classpath resolved by mvn in {resolve_s:.1f} s"
     return KafkaService(
         backend=f"apache-kafka-{KAFKA_VERSION} (maven)",
         bootstrap_servers=bootstrap_servers,
@@ -353,8 +361,11 @@ def _choose_and_start_postgres() -> PostgresService:
 
     url = os.environ.get("SPECTRANET_TEST_DATABASE_URL")
     if url:
-        with psycopg.connect(_libpq_conninfo(url), connect_timeout=10):
-            pass
+        try:
+            with psycopg.connect(_libpq_conninfo(url), connect_timeout=10):
+                pass
+        except psycopg.OperationalError as exc:
+            raise InfrastructureError(f"SPECTRANET_TEST_DATABASE_URL does not connect: {exc}") from exc
         return PostgresService(backend="env", dsn=url, detail="SPECTRANET_TEST_DATABASE_URL")
     tried.append("SPECTRANET_TEST_DATABASE_URL is not set")
 

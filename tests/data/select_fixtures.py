@@ -9,6 +9,10 @@ class gets one before any gets two), so common classes dominate less than in the
 Within a class the smallest files win, one spectrum per object before a second of the same object. The SEDM spectrum
 in ``REQUIRED`` is always included, because the reader tests convert it to pysedm format.
 
+Only spectra the model can use go to ``spectra/`` (positive wavelengths covering at least ``MIN_OVERLAP_AA`` of the
+model grid): the end-to-end test expects every one of them to be classified. The archive's real broken spectra (HST
+files with zero or near-zero wavelengths, infrared-only spectra) go to ``bad_spectra/``: the dead-letter tests use them.
+
 Usage::
 
     python tests/data/select_fixtures.py [--shared-data ../shared/data] [--count 200]
@@ -24,11 +28,25 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_SHARED_DATA = HERE.parents[2] / "shared" / "data"
 OUT_DIR = HERE / "spectra"
 COUNT = 200
+BAD_DIR = HERE / "bad_spectra"
 REQUIRED = ("spectra/slsne/2019dwa_TNS_ZTF_SEDM_2019.0514.txt",)
+GRID_AA = (3500.0, 10000.0)
+MIN_OVERLAP_AA = 1500.0
+BAD_COUNT = 6
+
+
+def overlap_aa(path: Path) -> float:
+    """Wavelength range shared with the model grid [A]; -inf when any wavelength is not positive."""
+    wave = np.loadtxt(path, comments="#", usecols=0, ndmin=1)
+    if wave.size < 20 or not np.all(wave > 0):
+        return -np.inf
+    return float(min(wave.max(), GRID_AA[1]) - max(wave.min(), GRID_AA[0]))
 
 
 @dataclass(frozen=True)
@@ -146,8 +164,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=COUNT)
     args = parser.parse_args()
     fieldnames, candidates = load_candidates(shared_data=args.shared_data)
-    chosen = select(candidates, count=args.count, required=REQUIRED)
+    overlap = {c.path: overlap_aa(args.shared_data / c.path) for c in candidates}
+    chosen = select([c for c in candidates if overlap[c.path] >= MIN_OVERLAP_AA], count=args.count,
+                    required=REQUIRED)
     write_fixtures(chosen, fieldnames=fieldnames, shared_data=args.shared_data, out_dir=OUT_DIR)
+    hopeless = [c for c in candidates if overlap[c.path] < 100.0]  # clearly off the grid or broken
+    bad = sorted(hopeless, key=lambda c: (c.size, c.path))[:BAD_COUNT]
+    write_fixtures(bad, fieldnames=fieldnames, shared_data=args.shared_data, out_dir=BAD_DIR)
     total = sum(c.size for c in chosen)
     classes = Counter(c.row["type"] for c in chosen)
     print(f"{len(chosen)} spectra, {total / 1e6:.2f} MB, {len(classes)} classes: {dict(classes.most_common())}")
