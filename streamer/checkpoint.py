@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from streamer.errors import CheckpointError
+from streamer.errors import CheckpointError, ConfigError
 from streamer.model import ModelConfig, SpectraNet
 from streamer.preprocess import PREPROCESS_VERSION, SUPPORTED_PREPROCESS_VERSIONS, PreprocessConfig
 
@@ -41,7 +41,10 @@ class Checkpoint:
 
     def build_model(self) -> SpectraNet:
         model = SpectraNet(self.model_config)
-        missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        except RuntimeError as exc:  # strict=False still raises on a tensor whose shape does not fit
+            raise CheckpointError(f"checkpoint {self.name} {self.version} does not fit its config: {exc}") from exc
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {self.name} {self.version} does not fit its config: "
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -106,33 +109,54 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         raise CheckpointError(f"{card_path} is not valid JSON: {exc}") from exc
     if card.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{card_path}: checkpoint format {card.get('format_version')} is not {FORMAT_VERSION}")
-    if card["preprocess_version"] not in SUPPORTED_PREPROCESS_VERSIONS:
+    if card.get("preprocess_version") not in SUPPORTED_PREPROCESS_VERSIONS:
         raise CheckpointError(
-            f"{card_path}: preprocessing version {card['preprocess_version']} is not supported by this code "
+            f"{card_path}: preprocessing version {card.get('preprocess_version')} is not supported by this code "
             f"(supported: {sorted(SUPPORTED_PREPROCESS_VERSIONS)}); upgrade spectranet-stream or retrain")
     actual = sha256_file(weights)
-    if actual != card["weights_sha256"]:
-        raise CheckpointError(f"{weights}: SHA-256 {actual} does not match the card's {card['weights_sha256']}; "
+    if actual != card.get("weights_sha256"):
+        raise CheckpointError(f"{weights}: SHA-256 {actual} does not match the card's {card.get('weights_sha256')}; "
                               "the weights are corrupt or were replaced")
+    try:
+        model_config = ModelConfig.from_dict(card["model_config"])
+        preprocess = PreprocessConfig.from_dict(card["preprocess"])
+        _version_key(card["version"])
+    except KeyError as exc:
+        raise CheckpointError(f"{card_path}: card is missing key {exc.args[0]!r}") from exc
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{card_path}: invalid card: {exc}") from exc
     return Checkpoint(
-        name=card["name"], version=card["version"],
-        model_config=ModelConfig.from_dict(card["model_config"]),
-        taxonomy=tuple(card["taxonomy"]),
-        preprocess=PreprocessConfig.from_dict(card["preprocess"]),
+        name=card["name"], version=card["version"], model_config=model_config,
+        taxonomy=tuple(card["taxonomy"]), preprocess=preprocess,
         preprocess_version=card["preprocess_version"],
         weights_sha256=actual, temperature=float(card.get("temperature", 1.0)),
         extra=card.get("extra", {}), state_dict=load_file(str(weights)),
     )
 
 
-def default_checkpoint_path() -> Path:
-    """The model shipped inside the package (``streamer/models/``): the newest by version."""
-    folder = Path(str(resources.files("streamer") / "models"))
-    cards = sorted(folder.glob("*.json"), key=lambda p: _version_key(json.loads(p.read_text())["version"]))
-    if not cards:
-        raise CheckpointError(f"no model shipped in {folder}; pass --model PATH")
-    return _paths(cards[-1])[0]
+def default_checkpoint_path(folder: str | Path | None = None) -> Path:
+    """The newest checkpoint in ``folder`` by semantic version (default: the models shipped in ``streamer/models/``).
+
+    Versions compare numerically (0.10.0 is newer than 0.9.0) and a pre-release (1.0.0-rc1) is older than its release.
+    """
+    folder = Path(str(resources.files("streamer") / "models")) if folder is None else Path(folder)
+    versions = []
+    for card_path in folder.glob("*.json"):
+        try:
+            version = json.loads(card_path.read_text())["version"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{card_path} is not a checkpoint card: {exc!r}") from exc
+        versions.append((_version_key(version), card_path))
+    if not versions:
+        raise CheckpointError(f"no model checkpoint in {folder}; pass --model PATH")
+    return _paths(max(versions)[1])[0]
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in version.split("+")[0].split("-")[0].split("."))
+def _version_key(version: str) -> tuple[tuple[int, ...], int, str]:
+    """Sort key of a semantic version: (numbers, 1 for a release or 0 for a pre-release, pre-release tag)."""
+    core, _, prerelease = str(version).split("+")[0].partition("-")
+    try:
+        numbers = tuple(int(x) for x in core.split("."))
+    except ValueError:
+        raise CheckpointError(f"checkpoint version {version!r} is not a semantic version (MAJOR.MINOR.PATCH)") from None
+    return numbers, 0 if prerelease else 1, prerelease

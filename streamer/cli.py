@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--revision", default="head")
     q.set_defaults(func=_cmd_db_upgrade)
 
+    from training.cli import add_subcommands as add_training_subcommands
+
+    add_training_subcommands(sub)
+
     p = sub.add_parser("demo", help="the whole pipeline on embedded defaults (tansu broker, SQLite, shipped model)")
     p.add_argument("--output", type=Path, default=Path("spectranet-demo"))
     p.set_defaults(func=_cmd_demo)

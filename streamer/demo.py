@@ -76,13 +76,13 @@ def _report(db_url: str, samples: list[str], output_dir: Path) -> None:
     engine = db.create_engine(db_url)
     with engine.connect() as conn:
         rows = conn.execute(sa.select(db.classifications).order_by(db.classifications.c.object_id)).mappings().all()
-    print(f"\n{'object':<26}{'reported':<12}{'predicted':<11}{'p':>6}{'z rep':>8}{'z pred':>16}")
+    print(f"\n{'object':<32}{'reported':<12}{'predicted':<11}{'p':>6}{'z rep':>8}{'z pred':>16}")
     for r in rows:
         sf, _ = truth.get(r["spectrum_id"], (None, None))
         reported = (sf.label or "?") if sf else "?"
         z_rep = f"{sf.redshift:.3f}" if sf and sf.redshift is not None else "?"
         z_pred = f"{r['z']:.3f}±{(r['z_err'] or 0):.3f}"
-        print(f"{r['object_id']:<26}{reported:<12}{r['top_class']:<11}{r['top_probability']:>6.2f}{z_rep:>8}{z_pred:>16}")
+        print(f"{r['object_id'][:31]:<32}{reported:<12}{r['top_class']:<11}{r['top_probability']:>6.2f}{z_rep:>8}{z_pred:>16}")
     print("\nQuery the results with SQL, e.g.:\n  sqlite3 " + db_url.removeprefix("sqlite:///") +
           " \"SELECT object_id, top_class, top_probability, z FROM classifications LIMIT 10\"")
     print("Subscribe to the output topic: spectranet-stream decodes it with "

@@ -19,6 +19,7 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, NamedTuple
 
 import numpy as np
@@ -65,7 +66,7 @@ Normalisation = Literal["robust", "continuum"]
 Medium = Literal["air", "vacuum"]
 
 # Quality flags ``prepare`` may set; documented here so that consumers can rely on the exact strings.
-FLAGS: Mapping[str, str] = {
+FLAGS: Mapping[str, str] = MappingProxyType({
     "no_flux_err": "no error array was given; median_snr is a DER_SNR estimate from the flux itself",
     "partial_coverage": "the spectrum does not cover every grid bin",
     "coverage_gaps": "the covered bins are not contiguous (masked regions or gaps in the input)",
@@ -73,7 +74,7 @@ FLAGS: Mapping[str, str] = {
     "uncalibrated": "flux is in arbitrary units, or the packet says it is not flux calibrated",
     "dropped_pixels": "some input pixels were masked or non-finite and were dropped",
     "no_redshift": "rest frame was requested but no redshift was given; the spectrum stays in the observed frame",
-}
+})
 _NEGATIVE_FLUX_FRACTION = 0.01
 _CLIP_PASSES = 2  # continuum fit: refits after clipping lines (the first fit is biased near strong lines)
 _MIN_CLIP = 0.02  # continuum fit: residuals within 2% are never clipped (noiseless spectra have sigma ~ 0)
@@ -84,6 +85,10 @@ _AIR_VACUUM_MIN_AA = 2000.0  # IAU convention: wavelengths below 2000 A are alwa
 
 
 # ---------------------------------------------------------------------------------------------------------- config
+
+
+def _is_int_at_least(value: object, lowest: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class Grid:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.wave_min) and math.isfinite(self.wave_max) and 0 < self.wave_min < self.wave_max):
             raise ConfigError(f"grid needs 0 < wave_min < wave_max, got {self.wave_min}, {self.wave_max}")
-        if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or self.n_bins < 2:
+        if not _is_int_at_least(self.n_bins, 2):
             raise ConfigError(f"grid needs an integer n_bins >= 2, got {self.n_bins!r}")
 
     def edges(self) -> FloatArray:
@@ -151,11 +156,11 @@ class PreprocessConfig:
             raise ConfigError(f"grid must be a Grid, got {type(self.grid).__name__}")
         if self.normalisation not in ("robust", "continuum"):
             raise ConfigError(f"normalisation must be 'robust' or 'continuum', got {self.normalisation!r}")
-        if isinstance(self.min_valid_pixels, bool) or not isinstance(self.min_valid_pixels, int) or self.min_valid_pixels < 2:
+        if not _is_int_at_least(self.min_valid_pixels, 2):
             raise ConfigError(f"min_valid_pixels must be an integer >= 2, got {self.min_valid_pixels!r}")
         if not (0.0 <= self.min_coverage <= 1.0):
             raise ConfigError(f"min_coverage must lie in [0, 1], got {self.min_coverage!r}")
-        if isinstance(self.continuum_knots, bool) or not isinstance(self.continuum_knots, int) or self.continuum_knots < 2:
+        if not _is_int_at_least(self.continuum_knots, 2):
             raise ConfigError(f"continuum_knots must be an integer >= 2, got {self.continuum_knots!r}")
         if not isinstance(self.to_rest_frame, bool):
             raise ConfigError(f"to_rest_frame must be a bool, got {self.to_rest_frame!r}")
@@ -337,7 +342,9 @@ def to_flambda(flux: FloatArray, flux_unit: str, wavelength_aa: FloatArray) -> F
         return f * _flambda_factor(kind, np.asarray(wavelength_aa, dtype=np.float64))
 
 
-def _flambda_err(flux_err: FloatArray, flux_flambda: FloatArray, flux_unit: str, wavelength_aa: FloatArray) -> FloatArray:
+def _flambda_err(
+    flux_err: FloatArray, flux_flambda: FloatArray, flux_unit: str, wavelength_aa: FloatArray
+) -> FloatArray:
     """Errors converted like ``to_flambda``: linearly, except magnitudes, where sigma_F = 0.4 ln(10) F sigma_m."""
     err = np.asarray(flux_err, dtype=np.float64)
     kind = _flux_kind(flux_unit)
@@ -488,9 +495,9 @@ def rebin(
     """Flux-conserving rebinning onto the bins between ``edges`` (as SpectRes / specutils FluxConservingResampler).
 
     Input pixels are bins with edges half-way to their neighbours (see ``_pixel_bounds`` for gaps). Each output
-    value is the mean flux density over the covered part of the output bin, computed from the cumulative integral
-    interpolated at the output edges, so the integral of flux over any fully covered range is preserved. Errors of
-    independent pixels propagate exactly: sigma_out = sqrt(sum (overlap_j sigma_j)^2) / covered width.
+    value is the mean flux density over the covered part of the output bin (overlap-weighted mean of the pixels), so
+    the integral of flux over any fully covered range is preserved. Errors of independent pixels propagate exactly:
+    sigma_out = sqrt(sum (overlap_j sigma_j)^2) / covered width.
 
     A bin counts as covered when at least ``min_fraction`` (default 99%) of its width lies under input pixels.
     Bins that are not covered get flux 0 and error 0; nothing is ever extrapolated.
@@ -501,6 +508,7 @@ def rebin(
     e = np.asarray(edges, dtype=np.float64)
     if not 0 < min_fraction <= 1:
         raise PreprocessError(f"min_fraction must lie in (0, 1], got {min_fraction!r}", field="min_fraction")
+    _check_lengths(w.size, flux=f, flux_err=None if flux_err is None else np.asarray(flux_err))
     if w.size < 2:
         raise TooFewPixelsError("rebinning needs at least two input pixels", field="flux")
     if not np.all(w[1:] > w[:-1]):
@@ -510,35 +518,35 @@ def rebin(
 
     left, right = _pixel_bounds(w, gap_factor)
     width = right - left  # [n]
-    xp = np.empty(2 * w.size)  # breakpoints L0 R0 L1 R1 ...; flux integral is linear between them
-    xp[0::2], xp[1::2] = left, right
-    cum_flux = _prepend(0.0, np.cumsum(f * width))
-    cum_cover = _prepend(0.0, np.cumsum(width))
-    fp_flux = np.empty_like(xp)
-    fp_flux[0::2], fp_flux[1::2] = cum_flux[:-1], cum_flux[1:]
-    fp_cover = np.empty_like(xp)
-    fp_cover[0::2], fp_cover[1::2] = cum_cover[:-1], cum_cover[1:]
+    lo_edge, hi_edge = e[:-1], e[1:]  # [n_out]
+    j_lo = np.searchsorted(right, lo_edge, side="right")  # first pixel reaching into each bin
+    j_hi = np.searchsorted(left, hi_edge, side="left") - 1  # last pixel starting inside each bin
+    has = j_lo <= j_hi  # False outside the input and inside gaps
+    jl, jh = np.minimum(j_lo, w.size - 1), np.maximum(j_hi, 0)  # safe indices; masked by `has`
+    ov_lo = np.minimum(right[jl], hi_edge) - np.maximum(left[jl], lo_edge)
+    ov_hi = np.minimum(right[jh], hi_edge) - np.maximum(left[jh], lo_edge)
+    two_ends = j_hi > j_lo
+    inner_from = np.minimum(jl + 1, jh)
 
-    integral = np.diff(np.interp(e, xp, fp_flux))  # [n_out]
-    covered = np.diff(np.interp(e, xp, fp_cover))  # [n_out]
+    def overlap_sum(values: FloatArray, power: int) -> FloatArray:
+        """sum_j values_j * overlap_ij**power per bin: whole pixels from a cumulative sum, the two ends exactly.
+
+        Summing locally (rather than differencing one running integral at the edges) keeps narrow bins accurate.
+        """
+        cum = _prepend(0.0, np.cumsum(values * width**power))
+        inner = np.where(j_hi > j_lo + 1, cum[jh] - cum[inner_from], 0.0)
+        ends = values[jl] * ov_lo**power + np.where(two_ends, values[jh] * ov_hi**power, 0.0)
+        return np.where(has, inner + ends, 0.0)
+
+    covered = overlap_sum(np.ones_like(w), 1)  # [n_out] width of each bin under input pixels
     coverage = covered >= min_fraction * np.diff(e)
     out = np.zeros(e.size - 1)
-    out[coverage] = integral[coverage] / covered[coverage]
-
+    out[coverage] = overlap_sum(f, 1)[coverage] / covered[coverage]
     out_err = None
     if flux_err is not None:
-        sigma = np.asarray(flux_err, dtype=np.float64)
+        variance = overlap_sum(np.asarray(flux_err, dtype=np.float64) ** 2, 2)
         out_err = np.zeros(e.size - 1)
-        if np.any(coverage):
-            lo_edge, hi_edge = e[:-1][coverage], e[1:][coverage]
-            j_lo = np.searchsorted(right, lo_edge, side="right")  # first pixel reaching into the bin
-            j_hi = np.searchsorted(left, hi_edge, side="left") - 1  # last pixel starting inside the bin
-            cum_var = _prepend(0.0, np.cumsum((sigma * width) ** 2))
-            inner = np.where(j_hi > j_lo + 1, cum_var[j_hi] - cum_var[np.minimum(j_lo + 1, j_hi)], 0.0)
-            ov_lo = np.minimum(right[j_lo], hi_edge) - np.maximum(left[j_lo], lo_edge)
-            ov_hi = np.minimum(right[j_hi], hi_edge) - np.maximum(left[j_hi], lo_edge)
-            var = inner + (sigma[j_lo] * ov_lo) ** 2 + np.where(j_hi > j_lo, (sigma[j_hi] * ov_hi) ** 2, 0.0)
-            out_err[coverage] = np.sqrt(np.maximum(var, 0.0)) / covered[coverage]
+        out_err[coverage] = np.sqrt(np.maximum(variance[coverage], 0.0)) / covered[coverage]
     return Rebinned(out, out_err, coverage)
 
 
@@ -564,16 +572,19 @@ def normalise_robust(flux: FloatArray, coverage: np.ndarray) -> FloatArray:
     return np.where(cov, f / scale, 0.0)
 
 
+def _chunk_bounds(size: int, n_chunks: int) -> np.ndarray:
+    """Start indices of ``n_chunks`` near-equal consecutive chunks of ``size`` items, plus ``size``."""
+    return (np.arange(n_chunks + 1) * size) // n_chunks
+
+
 def _chunk_medians(values: FloatArray, n_chunks: int) -> FloatArray:
     """Medians of ``n_chunks`` consecutive near-equal chunks of ``values``, without a Python loop."""
-    bounds = np.linspace(0, values.size, n_chunks + 1).astype(np.intp)
+    bounds = _chunk_bounds(values.size, n_chunks)
     lengths = np.diff(bounds)  # all >= 1 because n_chunks <= values.size
-    width = int(lengths.max())
-    cols = np.arange(width)
-    idx = bounds[:-1, None] + cols[None, :]  # [n_chunks, width]
-    valid = cols[None, :] < lengths[:, None]
-    table = np.where(valid, values[np.minimum(idx, values.size - 1)], np.inf)
-    table.sort(axis=1)  # padding (inf) sorts last
+    cols = np.arange(int(lengths.max()))
+    table = values[np.minimum(bounds[:-1, None] + cols[None, :], values.size - 1)]  # [n_chunks, width]
+    table[cols[None, :] >= lengths[:, None]] = np.inf  # padding sorts last
+    table.sort(axis=1)
     rows = np.arange(n_chunks)
     return (table[rows, (lengths - 1) // 2] + table[rows, lengths // 2]) / 2
 
@@ -587,28 +598,27 @@ def _natural_cubic_spline(x: FloatArray, y: FloatArray, x_eval: FloatArray) -> F
     slope = np.diff(y) / h
     m = np.zeros(n)  # second derivatives; natural ends
     if n > 2:
-        a = np.zeros((n - 2, n - 2))
-        i = np.arange(n - 2)
-        a[i, i] = 2 * (h[:-1] + h[1:])
-        a[i[1:], i[:-1]] = h[1:-1]
-        a[i[:-1], i[1:]] = h[1:-1]
+        a = np.diag(2 * (h[:-1] + h[1:])) + np.diag(h[1:-1], 1) + np.diag(h[1:-1], -1)
         m[1:-1] = np.linalg.solve(a, 6 * np.diff(slope))
-    k = np.clip(np.searchsorted(x, x_eval, side="right") - 1, 0, n - 2)
-    t = x_eval - x[k]
-    hk = h[k]
-    b = slope[k] - hk * (2 * m[k] + m[k + 1]) / 6
-    inside = y[k] + t * (b + t * (m[k] / 2 + t * (m[k + 1] - m[k]) / (6 * hk)))
+    # one polynomial per piece: [left extrapolation, n-1 cubic intervals, right extrapolation]
     d_start = slope[0] - h[0] * (2 * m[0] + m[1]) / 6
     d_end = slope[-1] + h[-1] * (m[-2] + 2 * m[-1]) / 6
-    return np.where(x_eval < x[0], y[0] + (x_eval - x[0]) * d_start,
-                    np.where(x_eval > x[-1], y[-1] + (x_eval - x[-1]) * d_end, inside))
+    base = np.concatenate((x[:1], x))  # [n+1] where t = x_eval - base starts
+    c0 = np.concatenate((y[:1], y[:-1], y[-1:]))
+    c1 = np.concatenate(([d_start], slope - h * (2 * m[:-1] + m[1:]) / 6, [d_end]))
+    c2 = np.concatenate(([0.0], m[:-1] / 2, [0.0]))
+    c3 = np.concatenate(([0.0], (m[1:] - m[:-1]) / (6 * h), [0.0]))
+    k = np.searchsorted(x, x_eval, side="right")  # 0: left of the knots, n: right of them
+    t = x_eval - base[k]
+    return c0[k] + t * (c1[k] + t * (c2[k] + t * c3[k]))
 
 
 def _log_continuum(flux: FloatArray, idx: np.ndarray, knots: int) -> tuple[FloatArray, FloatArray]:
     """Spline knots (log flux, position) from the medians of ``knots`` near-equal chunks of ``flux[idx]``."""
     n_knots = min(knots, idx.size)
     knot_flux = _chunk_medians(flux[idx], n_knots)
-    knot_pos = _chunk_medians(idx.astype(np.float64), n_knots)
+    bounds = _chunk_bounds(idx.size, n_knots)  # idx is sorted: its chunk medians are the middle elements
+    knot_pos = (idx[(bounds[:-1] + bounds[1:] - 1) // 2] + idx[(bounds[:-1] + bounds[1:]) // 2]) / 2
     top = float(knot_flux.max())
     if not (top > 0 and math.isfinite(top)):
         raise PreprocessError("the continuum is not positive anywhere; cannot divide by it", field="flux")
@@ -620,9 +630,9 @@ def remove_continuum(flux: FloatArray, coverage: np.ndarray, knots: int = 13, *,
     """SNID-style continuum removal: flux / continuum - 1, cosine-tapered to 0 at the covered edges.
 
     The continuum is a natural cubic spline in log flux through the medians of ``knots`` equal chunks of the covered
-    bins (medians ignore narrow lines; working in log keeps the continuum positive). It is refitted twice: bins whose
-    previous-pass residual lies more than ``clip`` robust sigmas (and 2%) from the median are left out of the second pass, so
-    a strong line does not drag its knot up. Knot medians below 1e-3 of the largest are floored there so that noise
+    bins (medians ignore narrow lines; working in log keeps the continuum positive). It is refitted twice, each time
+    leaving out bins whose residual lies more than ``clip`` robust sigmas (and 2%) from the median, so that a strong
+    line does not drag its knot up. Knot medians below 1e-3 of the largest are floored there so that noise
     near zero flux cannot blow up the division. The first and last ``apodise`` fraction of the covered range is
     multiplied by a cosine bell. Bins outside coverage are 0.
     """

@@ -30,7 +30,7 @@ IMAGE = FORMATS_DIR / "image_1d.fits"
 TABLE = FORMATS_DIR / "table_1d.fits"
 # Sources named in tests/data/formats/make_fixtures.py.
 PLAIN_3COL_SOURCE = SPECTRA / "PTF10bjp__01.txt"
-PLAIN_2COL_SOURCE = SPECTRA / "SN2010ma__01.txt"
+PLAIN_2COL_SOURCE = SPECTRA / "SN2010ma__02.txt"
 IMAGE_SOURCE = SPECTRA / "2022aawb_LT_SPRAT_SGLF_2022.1215.txt"
 TABLE_SOURCE = SPECTRA / "SN2014ey__00.txt"
 
