@@ -38,6 +38,8 @@ class ModelConfig:
             raise ValueError(f"widths ({len(self.widths)}) and kernels ({len(self.kernels)}) must have one entry per stage")
         if any(k % 2 == 0 for ks in self.kernels for k in ks):
             raise ValueError("kernel sizes must be odd so 'same' padding is symmetric")
+        if self.pooling not in ("max", "multiscale"):
+            raise ValueError(f"pooling must be 'max' or 'multiscale', got {self.pooling!r}")
         if self.n_bins % (2 ** (len(self.widths) - 1)) != 0:
             raise ValueError(f"n_bins={self.n_bins} must be divisible by 2**(stages-1) for the pooling")
 

@@ -1,7 +1,8 @@
 """Taxonomy v1 and the mapping from labels as reported (TNS, OSC, WISeREP, SNID templates) to its classes.
 
-Ambiguous labels (``Ib/c``, anything with ``?``, ``SLSN-II``) map to ``None`` and are excluded from training and
-scoring; so are classes outside the taxonomy (AGN, stars, kilonovae, LBVs, ...).
+Ambiguous labels (``Ib/c``, anything with ``?``, ``SLSN-II``, alternatives naming different classes such as
+``Ia/Ic``) map to ``None`` and are excluded from training and scoring; so are classes outside the taxonomy (AGN,
+stars, kilonovae, LBVs, ...).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def map_label(raw: str | None) -> str | None:
     s = _normalise(raw)
     if _AMBIGUOUS.search(s):
         return None
+    # 'TDE/TDE-H' (category/subtype) and 'Ia/Iax' agree on one class; 'Ia/Ic' or 'IIb/Ib' is ambiguous.
+    classes = {_match(part) for part in s.split("/")}
+    return classes.pop() if len(classes) == 1 else None
+
+
+def _match(label: str) -> str | None:
     for pattern, cls in _RULES:
-        if re.match(pattern, s):
+        if re.match(pattern, label):
             return cls
     return None

@@ -1,0 +1,242 @@
+"""Tests of streamer.model: both presets build and train, the config validates and round-trips, CPU determinism,
+and parameter and FLOP counts checked against counts worked out from the architecture by hand."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamer.model import (
+    DEFAULT_PRESET,
+    PRESETS,
+    ModelConfig,
+    MultiScalePool,
+    SpectraNet,
+    count_flops,
+    count_parameters,
+)
+
+MULTISCALE = replace(PRESETS["default"], pooling="multiscale")
+CONFIGS = {**PRESETS, "default-multiscale": MULTISCALE}
+BATCH = {"default": 3, "paper": 2, "default-multiscale": 3}  # the paper preset is ~35 GFLOP per spectrum
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, SpectraNet]:
+    torch.manual_seed(0)
+    return {name: SpectraNet(config) for name, config in CONFIGS.items()}
+
+
+def _input(config: ModelConfig, batch: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    flux = torch.randn(batch, 1, config.n_bins, generator=g)
+    coverage = (torch.rand(batch, 1, config.n_bins, generator=g) > 0.1).float()
+    return torch.cat([flux * coverage, coverage], dim=1)  # [B, 2, n_bins]
+
+
+def _expected_parameters(c: ModelConfig) -> int:
+    """Parameters of the architecture as issue 3 describes it, counted by hand."""
+    total, in_ch = 0, c.in_channels
+    per_pool = 3 if c.pooling == "multiscale" else 1
+    for width, kernels in zip(c.widths, c.kernels):
+        total += sum(in_ch * width * k + width for k in kernels)  # parallel convolutions with bias
+        total += 2 * len(kernels) * width                          # channel LayerNorm (weight, bias)
+        total += len(kernels) * width * width + width              # 1x1 mix back to the stage width
+        in_ch = width * per_pool
+    feat = 2 * c.widths[-1]                                        # global average + max
+    total += feat * c.hidden + c.hidden                            # MLP trunk
+    total += c.hidden * c.n_classes + c.n_classes                  # class head
+    total += c.hidden * 2 + 2                                      # redshift head (mean, log-variance)
+    return total
+
+
+def _expected_flops(c: ModelConfig) -> int:
+    """Multiply-adds x 2 of every convolution and linear layer for one spectrum."""
+    total, in_ch, length = 0, c.in_channels, c.n_bins
+    per_pool = 3 if c.pooling == "multiscale" else 1
+    for i, (width, kernels) in enumerate(zip(c.widths, c.kernels)):
+        total += sum(2 * in_ch * width * k * length for k in kernels)
+        total += 2 * len(kernels) * width * width * length
+        in_ch = width * per_pool
+        if i < len(c.widths) - 1:
+            length //= 2
+    total += 2 * (2 * c.widths[-1] * c.hidden + c.hidden * c.n_classes + c.hidden * 2)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ presets, shapes
+
+
+def test_presets_match_the_issue():
+    assert DEFAULT_PRESET in PRESETS
+    paper = PRESETS["paper"]
+    assert paper.n_bins == 4096
+    assert paper.widths[0] == 64 and paper.widths[-1] == 1024 and len(paper.widths) == 5
+    assert max(k for ks in paper.kernels for k in ks) > 1000
+    assert all(len(ks) == 3 for c in PRESETS.values() for ks in c.kernels)  # three parallel convolutions per stage
+    assert all(c.n_classes == 9 for c in PRESETS.values())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_shapes(models, name):
+    model, config = models[name].eval(), CONFIGS[name]
+    b = BATCH[name]
+    with torch.no_grad():
+        out = model(_input(config, b))
+    assert out.logits.shape == (b, config.n_classes)
+    assert out.z_mean.shape == (b,)
+    assert out.z_logvar.shape == (b,)
+    for t in (out.logits, out.z_mean, out.z_logvar):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gradients_reach_every_parameter(models, name):
+    model, config = models[name].train(), CONFIGS[name]
+    model.zero_grad(set_to_none=True)
+    b = 1 if name == "paper" else BATCH[name]
+    out = model(_input(config, b))
+    labels = torch.arange(b) % config.n_classes
+    z_true = torch.linspace(0.01, 0.3, b)
+    loss = F.cross_entropy(out.logits, labels) + F.gaussian_nll_loss(out.z_mean, z_true, out.z_logvar.exp())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} gets no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_each_head_trains_through_the_shared_trunk(models):
+    model, config = models["default"].train(), CONFIGS["default"]
+    x = _input(config, 2)
+    for head, loss_of in (("classifier", lambda o: o.logits.sum()), ("redshift", lambda o: o.z_mean.sum())):
+        model.zero_grad(set_to_none=True)
+        loss_of(model(x)).backward()
+        other = "redshift" if head == "classifier" else "classifier"
+        assert getattr(model, head).weight.grad.abs().sum() > 0
+        assert getattr(model, other).weight.grad is None
+        assert model.stages[0].branches[0].weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_multiscale_pooling_concatenates_max_average_and_min():
+    x = torch.tensor([[[1.0, 3.0, 2.0, 0.0]]])  # [1, 1, 4]
+    out = MultiScalePool()(x)
+    assert out.shape == (1, 3, 2)
+    torch.testing.assert_close(out[0], torch.tensor([[3.0, 2.0], [2.0, 1.0], [1.0, 0.0]]))
+
+
+def test_multiscale_variant_triples_the_channels_between_stages(models):
+    model = models["default-multiscale"]
+    widths = MULTISCALE.widths
+    for prev, stage in zip(widths[:-1], model.stages[1:]):
+        assert stage.branches[0].in_channels == 3 * prev
+    assert isinstance(model.pool, MultiScalePool)
+    assert not isinstance(models["default"].pool, MultiScalePool)
+
+
+def test_output_of_one_spectrum_does_not_depend_on_its_batch(models):
+    model, config = models["default"].eval(), CONFIGS["default"]
+    x = _input(config, 4)
+    with torch.no_grad():
+        together = model(x)
+        alone = [model(x[i:i + 1]) for i in range(4)]
+    torch.testing.assert_close(together.logits, torch.cat([o.logits for o in alone]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together.z_mean, torch.cat([o.z_mean for o in alone]), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"widths": (8, 16, 32), "kernels": ((5, 3, 1), (5, 3, 1))}, "one entry per stage"),
+    ({"widths": (8,), "kernels": ((5, 3, 1), (5, 3, 1))}, "one entry per stage"),
+    ({"widths": (8, 16), "kernels": ((5, 4, 1), (5, 3, 1))}, "odd"),
+    ({"widths": (8, 16), "kernels": ((5, 3, 1), (2, 3, 1))}, "odd"),
+    ({"n_bins": 1000}, "divisible"),
+    ({"pooling": "avg"}, "pooling"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_round_trips_through_json(name):
+    config = CONFIGS[name]
+    back = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert back == config
+    assert isinstance(back.widths, tuple) and all(isinstance(k, tuple) for k in back.kernels)
+    assert hash(back) == hash(config)  # frozen and hashable again, not lists
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(TypeError):
+        ModelConfig.from_dict({**PRESETS["default"].to_dict(), "n_layers": 3})
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def test_same_input_twice_gives_identical_outputs(models):
+    model, config = models["default-multiscale"].eval(), CONFIGS["default-multiscale"]
+    x = _input(config, 3)
+    with torch.no_grad():
+        a, b = model(x), model(x.clone())
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.z_mean, b.z_mean)
+    assert torch.equal(a.z_logvar, b.z_logvar)
+
+
+def test_same_seed_gives_identical_init_and_another_seed_does_not():
+    def build(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        return SpectraNet(PRESETS["default"]).state_dict()
+
+    a, b, c = build(7), build(7), build(8)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_eval_mode_disables_dropout_and_train_mode_uses_it(models):
+    model, config = models["default"], CONFIGS["default"]
+    x = _input(config, 2)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        t1 = model(x).logits
+        torch.manual_seed(1)
+        t2 = model(x).logits
+        model.eval()
+    assert not torch.equal(t1, t2)
+
+
+# ------------------------------------------------------------------------------------------------ size
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parameter_count_matches_the_architecture(models, name):
+    assert count_parameters(models[name]) == _expected_parameters(CONFIGS[name])
+
+
+def test_parameter_counts_of_the_presets(models):
+    assert 20_000_000 <= count_parameters(models["paper"]) <= 30_000_000
+    assert count_parameters(models["default"]) < count_parameters(models["paper"]) / 10  # CPU-friendly
+
+
+@pytest.mark.parametrize("name", ["default", "default-multiscale"])
+def test_count_flops_matches_a_count_by_hand(models, name):
+    assert count_flops(models[name].eval()) == _expected_flops(CONFIGS[name])
+
+
+def test_paper_preset_flops_are_two_orders_above_the_default():
+    # analytic count only: counting by running the paper preset is done by bench/bench_inference.py
+    assert _expected_flops(PRESETS["paper"]) > 50 * _expected_flops(PRESETS["default"])

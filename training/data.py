@@ -1,0 +1,296 @@
+"""Labelled spectra for training and evaluation: read a manifest, map labels, split by object.
+
+Every source in ``../shared/data/manifest.csv`` is read into one ``Spectrum`` per epoch, in the *rest frame*, with a
+continuum-like flux (positive, median 1): the simulator (``training.simulate``) then redshifts it to a drawn z and
+degrades it to SEDM. Two quirks of the data are handled here, once:
+
+- SNID ``.lnw`` templates hold several epochs per file, continuum-flattened (flux / continuum - 1) and zero-padded
+  outside their range; SNID-SAGE templates are flattened too. Flattened flux gets ``+ 1`` so that it is a
+  continuum-divided spectrum; the model's SNID-style continuum removal then treats it like any calibrated spectrum.
+- Some slsne files store the *variance* in the column labelled ``flux_err`` (values ~1e-31 next to flux ~1e-15):
+  a ``flux_err`` whose median is below 1e-6 of the median |flux| is read as a variance and square-rooted.
+
+Spectra that do not reach the model grid at their own redshift (HST files at 0-40 A, IR-only spectra) are dropped,
+and so are labels that ``streamer.taxonomy.map_label`` calls ambiguous. ``split_by_object`` assigns whole objects
+(names canonicalised across sources: ``SN 2011fe`` = ``sn2011fe`` = ``2011fe``) to train or validation, stratified by
+class with a fixed seed, so no object ever has spectra on both sides.
+
+Users point ``load_manifest`` at their own CSV (``path, type, redshift[, phase]``) of files in any format that
+``streamer.readers.read_spectrum`` knows.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamer.errors import SpectraNetError
+from streamer.preprocess import to_angstrom
+from streamer.readers import read_spectrum
+from streamer.taxonomy import CLASSES, map_label
+
+__all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manifest", "load_manifest", "read_lnw",
+           "load_spectra", "load_galaxies", "read_flux_err", "canonical_object", "split_by_object", "counts_table"]
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GALAXY_SOURCE = "galaxies"
+_MIN_GRID_OVERLAP_AA = 1500.0  # a usable spectrum covers at least this much of 3500-10000 A at its own redshift
+_GRID = (3500.0, 10000.0)
+_VARIANCE_RATIO = 1e-6
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One row of a manifest: a file and what it is."""
+
+    path: Path
+    object_id: str
+    raw_type: str
+    label: str | None  # taxonomy class, None when ambiguous or outside the taxonomy
+    redshift: float | None
+    source: str = "user"
+    frame: str = "observed"
+    flux_kind: str = "calibrated"
+    phase: float | None = None
+    instrument: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """One epoch in the rest frame: wavelength in Angstrom (as the file gives it, usually air), flux median 1."""
+
+    wave: np.ndarray  # float64 [n], rest frame, increasing
+    flux: np.ndarray  # float64 [n], continuum-like, median 1
+    label: str
+    object_id: str  # canonical object name
+    source: str
+    redshift: float  # of the original observation (0 for rest-frame templates)
+    phase: float | None
+    path: str
+    epoch: int = 0
+    instrument: str = ""
+
+
+@dataclass(frozen=True)
+class Split:
+    train: tuple[Spectrum, ...]
+    val: tuple[Spectrum, ...]
+    val_objects: frozenset[str]
+
+
+# ---------------------------------------------------------------------------------------------------------- manifest
+
+
+def canonical_object(name: str) -> str:
+    """Name under which spectra of one object from different sources meet: lower case, no 'sn'/'at', alnum only."""
+    s = re.sub(r"[^a-z0-9]", "", name.strip().lower())
+    return re.sub(r"^(sn|at)(?=\d{4})", "", s)
+
+
+def _float_or_none(text: str | None) -> float | None:
+    if text is None or not text.strip():
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def read_manifest(path: str | Path, *, root: str | Path | None = None) -> list[ManifestEntry]:
+    """Rows of a manifest CSV; ``path`` columns are relative to ``root`` (default: the CSV's folder).
+
+    Required columns: ``path``, ``type``; ``redshift`` is required for observed-frame files (it is the target of the
+    redshift head). Optional: ``object`` (default: the file stem), ``phase`` or ``phase_days``, ``source``, ``frame``,
+    ``flux_kind``, ``instrument``.
+    """
+    path = Path(path)
+    base = Path(root) if root is not None else path.parent
+    entries: list[ManifestEntry] = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "type"} - set(reader.fieldnames or ())
+        if missing:
+            raise SpectraNetError(f"{path}: manifest lacks column(s) {sorted(missing)}")
+        for row in reader:
+            file = Path(row["path"])
+            entries.append(ManifestEntry(
+                path=file if file.is_absolute() else base / file,
+                object_id=row.get("object") or file.stem,
+                raw_type=row["type"], label=map_label(row["type"]),
+                redshift=_float_or_none(row.get("redshift")),
+                source=row.get("source") or "user", frame=row.get("frame") or "observed",
+                flux_kind=row.get("flux_kind") or "calibrated",
+                phase=_float_or_none(row.get("phase") or row.get("phase_days")),
+                instrument=row.get("instrument") or "",
+            ))
+    return entries
+
+
+def load_manifest(path: str | Path, *, root: str | Path | None = None) -> list[ManifestEntry]:
+    """A user's own manifest (path, type, redshift[, phase]) of spectrum files, ambiguous labels dropped."""
+    return [e for e in read_manifest(path, root=root) if e.label is not None]
+
+
+# ------------------------------------------------------------------------------------------------------------ readers
+
+
+def read_lnw(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """A SNID ``.lnw`` template: (wavelength [n], flattened flux [n_epochs, n], phases [n_epochs], type).
+
+    Layout: a header line ``n_epochs n_wave w_min w_max n_spline name dm15 type ...``, ``n_spline + 1`` lines of
+    continuum spline knots, one line ``flag phase_1 .. phase_k``, then ``n_wave`` rows ``wavelength f_1 .. f_k``.
+    Flux outside each epoch's range is exactly 0.
+    """
+    lines = Path(path).read_text().splitlines()
+    head = lines[0].split()
+    n_epochs, n_wave, n_spline = int(head[0]), int(head[1]), int(head[4])
+    sn_type = head[7] if len(head) > 7 else ""
+    phase_row = 1 + n_spline + 1
+    phases = np.array([float(x) for x in lines[phase_row].split()[1:1 + n_epochs]])
+    table = np.array([[float(x) for x in line.split()] for line in lines[phase_row + 1: phase_row + 1 + n_wave]])
+    return table[:, 0], table[:, 1:1 + n_epochs].T, phases, sn_type
+
+
+def _median_one(wave: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    ok = np.isfinite(wave) & np.isfinite(flux)
+    wave, flux = wave[ok], flux[ok]
+    order = np.argsort(wave)
+    wave, flux = wave[order], flux[order]
+    scale = np.median(np.abs(flux)) if flux.size else 0.0
+    if flux.size < 20 or not (scale > 0):
+        return None
+    return wave, flux / scale
+
+
+def _grid_overlap(wave_obs: np.ndarray) -> float:
+    return max(0.0, min(wave_obs[-1], _GRID[1]) - max(wave_obs[0], _GRID[0]))
+
+
+def _entry_spectra(entry: ManifestEntry) -> list[Spectrum]:
+    """The rest-frame epochs of one manifest row (several for .lnw files); [] when unusable."""
+    z = entry.redshift or 0.0
+    common = dict(label=entry.label, object_id=canonical_object(entry.object_id), source=entry.source,
+                  path=str(entry.path), instrument=entry.instrument)
+    if entry.path.suffix == ".lnw":
+        wave, fluxes, phases, _ = read_lnw(entry.path)
+        out = []
+        for i, (f, phase) in enumerate(zip(fluxes, phases)):
+            nz = np.flatnonzero(f != 0.0)
+            if nz.size < 20:
+                continue
+            sl = slice(nz[0], nz[-1] + 1)
+            got = _median_one(wave[sl], f[sl] + 1.0)
+            if got is not None and _grid_overlap(got[0]) >= _MIN_GRID_OVERLAP_AA:
+                out.append(Spectrum(wave=got[0], flux=got[1], redshift=0.0, phase=float(phase), epoch=i, **common))
+        return out
+    sf = read_spectrum(entry.path)
+    wave = to_angstrom(np.asarray(sf.wavelength), sf.wavelength_unit)
+    flux = np.asarray(sf.flux, dtype=np.float64)
+    if entry.flux_kind == "flattened":
+        flux = flux + 1.0
+    got = _median_one(wave, flux)
+    if got is None:
+        return []
+    wave, flux = got
+    frame = sf.frame if sf.frame in ("observed", "rest") else entry.frame
+    obs = wave if frame == "observed" else wave * (1.0 + z)
+    if _grid_overlap(obs) < _MIN_GRID_OVERLAP_AA:
+        return []  # junk (HST 0-40 A, IR only): never reaches the SEDM range
+    rest = obs / (1.0 + z)
+    return [Spectrum(wave=rest, flux=flux, redshift=z, phase=entry.phase, **common)]
+
+
+def read_flux_err(flux: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
+    """1-sigma errors from a column that may hold variances (slsne files): sqrt when it is far too small."""
+    e = np.asarray(flux_err, dtype=np.float64)
+    f = np.abs(np.asarray(flux, dtype=np.float64))
+    ok = np.isfinite(e) & np.isfinite(f)
+    if ok.any() and np.median(np.abs(e[ok])) < _VARIANCE_RATIO * np.median(f[ok]):
+        return np.sqrt(np.abs(e))
+    return e
+
+
+def load_spectra(entries: Iterable[ManifestEntry], *, on_error: str = "skip") -> tuple[list[Spectrum], Counter]:
+    """Spectra for the labelled entries, plus a Counter of why others were dropped (reason -> count)."""
+    out: list[Spectrum] = []
+    dropped: Counter = Counter()
+    for entry in entries:
+        if entry.source == GALAXY_SOURCE:
+            continue
+        if entry.label is None:
+            dropped["ambiguous or outside taxonomy"] += 1
+            continue
+        if entry.frame == "observed" and entry.redshift is None:
+            dropped["no redshift"] += 1
+            continue
+        try:
+            got = _entry_spectra(entry)
+        except (SpectraNetError, ValueError, OSError) as exc:
+            if on_error != "skip":
+                raise
+            dropped[f"unreadable ({type(exc).__name__})"] += 1
+            continue
+        if not got:
+            dropped["no overlap with the grid"] += 1
+        out.extend(got)
+    return out, dropped
+
+
+def load_galaxies(entries: Iterable[ManifestEntry]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rest-frame host-galaxy templates (wave, flux median 1) for the simulator's host contamination."""
+    out = []
+    for entry in entries:
+        if entry.source != GALAXY_SOURCE:
+            continue
+        sf = read_spectrum(entry.path)
+        wave = to_angstrom(np.asarray(sf.wavelength), sf.wavelength_unit)
+        flux = np.asarray(sf.flux, dtype=np.float64)
+        keep = flux > 0
+        got = _median_one(wave[keep], flux[keep])
+        if got is not None:
+            out.append(got)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------------- split
+
+
+def split_by_object(spectra: Sequence[Spectrum], *, val_fraction: float = 0.2, seed: int = 0) -> Split:
+    """Whole objects to train or validation, stratified by each object's (majority) class, reproducibly.
+
+    Every class with at least two objects gets at least one validation object, so that every class is scored.
+    """
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for s in spectra:
+        votes[s.object_id][s.label] += 1
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for obj in sorted(votes):
+        by_class[votes[obj].most_common(1)[0][0]].append(obj)
+    rng = np.random.default_rng(seed)
+    val_objects: set[str] = set()
+    for cls in sorted(by_class):
+        objs = by_class[cls]
+        order = rng.permutation(len(objs))
+        n_val = int(round(val_fraction * len(objs)))
+        n_val = max(n_val, 1) if len(objs) >= 2 else 0
+        val_objects.update(objs[i] for i in order[:n_val])
+    train = tuple(s for s in spectra if s.object_id not in val_objects)
+    val = tuple(s for s in spectra if s.object_id in val_objects)
+    return Split(train=train, val=val, val_objects=frozenset(val_objects))
+
+
+def counts_table(spectra: Sequence[Spectrum]) -> dict[str, dict[str, int]]:
+    """{class: {source: n_spectra, ..., 'objects': n_objects}} in taxonomy order: the counts a model card reports."""
+    table: dict[str, dict[str, int]] = {}
+    for cls in CLASSES:
+        members = [s for s in spectra if s.label == cls]
+        row = dict(sorted(Counter(s.source for s in members).items()))
+        row["spectra"] = len(members)
+        row["objects"] = len({s.object_id for s in members})
+        table[cls] = row
+    return table
