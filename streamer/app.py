@@ -9,11 +9,13 @@ from streamer.config import Settings
 from streamer.daemon import Daemon, SpectrumClassifier
 from streamer.engine import InferenceEngine
 from streamer.kafka_io import make_consumer, make_producer
+from streamer.metrics import HealthServer, Metrics
 
 __all__ = ["build_daemon"]
 
 
-def build_daemon(settings: Settings, *, upgrade_database: bool = True) -> Daemon:
+def build_daemon(settings: Settings, *, upgrade_database: bool = True, serve_metrics: bool | None = None) -> Daemon:
+    """``serve_metrics`` overrides ``settings.metrics.enabled`` (embedded uses start no HTTP port)."""
     k = settings.kafka
     url = settings.database.url.get_secret_value()
     if upgrade_database:
@@ -22,11 +24,17 @@ def build_daemon(settings: Settings, *, upgrade_database: bool = True) -> Daemon
     engine = InferenceEngine(load_checkpoint(settings.model.path), device=settings.model.device,
                              max_batch_size=settings.model.max_batch_size)
     classifier = SpectrumClassifier(engine, codec=Codec("spectrum_packet", resolver=resolver,
-                                                        max_message_bytes=k.max_message_bytes))
+                                                        max_message_bytes=k.max_message_bytes),
+                                    store_raw_packets=settings.database.store_arrays)
+    metrics = Metrics()
+    health = None
+    if settings.metrics.enabled if serve_metrics is None else serve_metrics:
+        health = HealthServer(metrics, host=settings.metrics.host, port=settings.metrics.port).start()
     return Daemon(
         consumer=make_consumer(k), producer=make_producer(k), database=db.create_engine(url),
         classifier=classifier, input_topics=k.input_topics, output_topic=k.output_topic,
         dead_letter_topic=k.dead_letter_topic, output_codec=Codec("annotated_spectrum", resolver=resolver),
         output_framing=k.output_framing, max_batch_size=settings.batch.max_size, max_wait_s=settings.batch.max_wait_s,
         retry_backoff_s=settings.batch.retry_backoff_s, retry_backoff_max_s=settings.batch.retry_backoff_max_s,
+        metrics=metrics, health=health,
     )

@@ -19,11 +19,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from streamer.app import build_daemon
     from streamer.config import load_settings
 
+    from streamer.logs import configure_logging
+
     settings = load_settings(args.config)
-    logging.getLogger().setLevel(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    log.info("starting with %r", settings)  # secrets print as '**********'
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: stop.set())  # finish the batch in hand, commit, close
     daemon = build_daemon(settings)
     stats = daemon.run(stop, max_messages=args.max_messages, idle_timeout_s=args.idle_timeout)
     print(f"processed {stats.messages} packets in {stats.batches} batches: {stats.classified} classified, "
@@ -71,6 +74,25 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from streamer import db
+    from streamer.config import load_settings
+    from streamer.dlq import list_dead_letters, replay_dead_letters
+
+    settings = load_settings(args.config)
+    engine = db.create_engine(settings.database.url.get_secret_value())
+    if args.dlq_command == "list":
+        rows = list_dead_letters(engine, limit=args.limit, error_class=args.error_class)
+        for r in rows:
+            print(f"{r['failed_at']:%Y-%m-%d %H:%M:%S} {r['source_topic']}[{r['source_partition']}]@{r['source_offset']} "
+                  f"{r['error_class']}({r['error_field'] or '-'}): {r['error_message']}")
+        print(f"{len(rows)} dead letters shown")
+    else:
+        n = replay_dead_letters(engine, settings.kafka.client_config(), topic=args.topic, error_class=args.error_class)
+        print(f"replayed {n} dead letters")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streamer.demo import run_demo
 
@@ -82,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the daemon (Kafka in, database + Kafka out)")
-    p.add_argument("--config", type=Path, help="YAML config file (env SPECTRANET_* overrides it)")
+    p.add_argument("--config", type=Path, help="TOML or YAML config file (env SPECTRANET_* overrides it)")
     p.add_argument("--max-messages", type=int, help="stop after this many packets (testing)")
     p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without packets")
     p.set_defaults(func=_cmd_run)
@@ -108,6 +130,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--config", type=Path)
     q.add_argument("--revision", default="head")
     q.set_defaults(func=_cmd_db_upgrade)
+
+    p = sub.add_parser("dlq", help="inspect and replay dead letters (from the database)")
+    dsub = p.add_subparsers(dest="dlq_command", required=True)
+    q = dsub.add_parser("list", help="the most recent dead letters and their reasons")
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--error-class", help="e.g. DecodeError, ValidationError, UnitError")
+    q.add_argument("--config", type=Path)
+    q.set_defaults(func=_cmd_dlq)
+    q = dsub.add_parser("replay", help="publish stored dead letters again (after fixing the cause)")
+    q.add_argument("--topic", help="publish here instead of each packet's source topic")
+    q.add_argument("--error-class")
+    q.add_argument("--config", type=Path)
+    q.set_defaults(func=_cmd_dlq)
 
     from training.cli import add_subcommands as add_training_subcommands
 

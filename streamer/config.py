@@ -1,4 +1,4 @@
-"""Typed configuration: defaults < config file (YAML) < environment variables (``SPECTRANET_...``).
+"""Typed configuration: defaults < config file (TOML or YAML) < environment variables (``SPECTRANET_...``).
 
 Nested settings use a double underscore in the environment, e.g. ``SPECTRANET_KAFKA__BOOTSTRAP_SERVERS`` or
 ``SPECTRANET_DATABASE__URL``. Secrets (the database URL, Kafka client passwords) are ``SecretStr`` and never appear
@@ -8,6 +8,7 @@ in logs or ``repr``; they can also be read from a file named by ``SPECTRANET_DAT
 from __future__ import annotations
 
 import os
+import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from streamer.errors import ConfigError
 
-__all__ = ["Settings", "KafkaSettings", "DatabaseSettings", "ModelSettings", "BatchSettings", "load_settings"]
+__all__ = ["Settings", "KafkaSettings", "DatabaseSettings", "ModelSettings", "BatchSettings", "MetricsSettings",
+           "load_settings"]
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("spectranet_config_file", default=None)
 
@@ -26,6 +28,7 @@ _CONFIG_FILE: ContextVar[Path | None] = ContextVar("spectranet_config_file", def
 class KafkaSettings(BaseModel):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "spectranet"
+    group_instance_id: str | None = None         # static membership: a restart within the session keeps partitions
     input_topics: list[str] = ["spectra"]
     output_topic: str = "spectra.annotated"
     dlq_topic: str | None = None                 # default: '<first input topic>.dlq'
@@ -54,6 +57,12 @@ class DatabaseSettings(BaseModel):
     store_arrays: bool = False
 
 
+class MetricsSettings(BaseModel):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9108                             # /metrics, /healthz, /readyz
+
+
 class ModelSettings(BaseModel):
     path: Path | None = None                     # None: the model shipped in the package
     device: str = "auto"                         # auto | cpu | cuda | cuda:N
@@ -74,7 +83,9 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     model: ModelSettings = ModelSettings()
     batch: BatchSettings = BatchSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("log_level")
     @classmethod
@@ -99,24 +110,32 @@ class Settings(BaseSettings):
 
 
 class _YamlSource(PydanticBaseSettingsSource):
-    """The config file given to ``load_settings`` or named by ``SPECTRANET_CONFIG`` (below the environment)."""
+    """The config file (TOML or YAML) given to ``load_settings`` or named by ``SPECTRANET_CONFIG``, and raw
+    ``KAFKA_*`` client properties from the environment (``KAFKA_SASL_PASSWORD`` -> ``sasl.password``)."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         path = _CONFIG_FILE.get() or os.environ.get("SPECTRANET_CONFIG")
-        data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+        data: dict[str, Any] = _read_file(Path(path)) if path else {}
+        raw = {k[len("KAFKA_"):].lower().replace("_", "."): v for k, v in os.environ.items() if k.startswith("KAFKA_")}
+        if raw:
+            kafka = data.setdefault("kafka", {})
+            kafka["client_properties"] = {**raw, **kafka.get("client_properties", {})}
         url_file = os.environ.get("SPECTRANET_DATABASE__URL_FILE")
         if url_file:
             data.setdefault("database", {})["url"] = Path(url_file).read_text().strip()
         return data
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        else:
+            data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
@@ -27,8 +28,9 @@ from streamer import db
 from streamer.annotate import Source, build_annotation, result_rows
 from streamer.checkpoint import Checkpoint
 from streamer.codec import Codec, Framing
-from streamer.engine import InferenceEngine
-from streamer.errors import InfrastructureError, PacketError
+from streamer.engine import InferenceEngine, Prediction
+from streamer.errors import InferenceError, InfrastructureError, PacketError
+from streamer.metrics import HealthServer, Metrics
 from streamer.packets import Limits, validate_packet
 from streamer.preprocess import Prepared, prepare
 
@@ -95,11 +97,13 @@ class BatchOutcome:
 class SpectrumClassifier:
     """The execute stage: raw messages in, annotations and dead letters out. No broker, no database."""
 
-    def __init__(self, engine: InferenceEngine, *, codec: Codec, limits: Limits = Limits()) -> None:
+    def __init__(self, engine: InferenceEngine, *, codec: Codec, limits: Limits = Limits(),
+                 store_raw_packets: bool = False) -> None:
         self.engine = engine
         self.model: Checkpoint = engine.checkpoint
         self.codec = codec
         self.limits = limits
+        self.store_raw_packets = store_raw_packets
 
     def _prepare(self, packet: dict[str, Any]) -> Prepared:
         validate_packet(packet, self.limits)
@@ -123,29 +127,54 @@ class SpectrumClassifier:
         ready: list[tuple[Message, dict[str, Any], Prepared]] = []
         dead: list[DeadLetter] = []
         offsets: dict[tuple[str, int], int] = {}
-        for msg in messages:
+        for msg in messages:                                               # decode, validate, preprocess
             offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
             packet: dict[str, Any] | None = None
             try:
                 packet = self.codec.decode(msg.value())
                 ready.append((msg, packet, self._prepare(packet)))
             except PacketError as exc:
-                pid = packet.get("spectrum_id") if packet else None
-                err = exc.with_packet(f"{msg.topic()}[{msg.partition()}]@{msg.offset()}") if pid is None else exc
-                log.warning("dead-lettering %s: %s", _where(msg), err)
-                dead.append(DeadLetter(source=Source(msg.topic(), msg.partition(), msg.offset()), key=msg.key(),
-                                       payload=msg.value(), headers=list(msg.headers() or []), error=err,
-                                       spectrum_id=pid, failed_at=datetime.now(timezone.utc)))
-        predictions = self.engine.predict([p for _, _, p in ready])
+                dead.append(_dead_letter(msg, exc, packet))
         classified_at = datetime.now(timezone.utc)
         out = []
-        for (msg, packet, prepared), pred in zip(ready, predictions):
+        for (msg, packet, prepared), pred in self._predict_isolating(ready, dead):  # classify
             ann = build_annotation(packet, prepared, pred, self.model,
                                    source=Source(msg.topic(), msg.partition(), msg.offset()),
                                    consumed_at=consumed_at, classified_at=classified_at)
-            out.append(Classified(key=packet["object_id"].encode(), annotation=ann, rows=result_rows(packet, ann)))
+            rows = result_rows(packet, ann)
+            if self.store_raw_packets:
+                rows.spectrum["raw_packet"] = msg.value()
+            out.append(Classified(key=packet["object_id"].encode(), annotation=ann, rows=rows))
         return BatchOutcome(classified=out, dead=dead,
                             offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())])
+
+    def _predict_isolating(self, ready: list[tuple[Message, dict[str, Any], Prepared]],
+                           dead: list[DeadLetter]) -> list[tuple[tuple[Message, dict[str, Any], Prepared], Prediction]]:
+        """Predict the batch; if the model fails, split it until the failing spectrum is alone and dead-letter it."""
+        if not ready:
+            return []
+        try:
+            return list(zip(ready, self.engine.predict([p for _, _, p in ready])))
+        except torch.cuda.OutOfMemoryError:
+            raise  # the engine already halved down to one spectrum: an infrastructure problem, not this packet's
+        except (RuntimeError, ValueError) as exc:
+            if len(ready) == 1:
+                msg, packet, _ = ready[0]
+                err = InferenceError(f"model failed: {type(exc).__name__}: {exc}", field="flux",
+                                     packet_id=packet["spectrum_id"])
+                dead.append(_dead_letter(msg, err, packet))
+                return []
+            half = len(ready) // 2
+            return self._predict_isolating(ready[:half], dead) + self._predict_isolating(ready[half:], dead)
+
+
+def _dead_letter(msg: Message, exc: PacketError, packet: dict[str, Any] | None) -> DeadLetter:
+    pid = packet.get("spectrum_id") if packet else None
+    err = exc.with_packet(_where(msg)) if pid is None else exc
+    log.warning("dead-lettering %s: %s", _where(msg), err)
+    return DeadLetter(source=Source(msg.topic(), msg.partition(), msg.offset()), key=msg.key(), payload=msg.value(),
+                      headers=list(msg.headers() or []), error=err, spectrum_id=pid,
+                      failed_at=datetime.now(timezone.utc))
 
 
 def _where(msg: Message) -> str:
@@ -171,7 +200,8 @@ class Daemon:
                  input_topics: Sequence[str], output_topic: str, dead_letter_topic: str, output_codec: Codec,
                  output_framing: Framing = "schemaless", max_batch_size: int = 64, max_wait_s: float = 1.0,
                  retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 30.0,
-                 delivery_timeout_s: float = 60.0) -> None:
+                 delivery_timeout_s: float = 60.0, metrics: Metrics | None = None,
+                 health: HealthServer | None = None) -> None:
         self.consumer, self.producer, self.database = consumer, producer, database
         self.classifier = classifier
         self.input_topics = list(input_topics)
@@ -180,35 +210,61 @@ class Daemon:
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.retry_backoff_s, self.retry_backoff_max_s = retry_backoff_s, retry_backoff_max_s
         self.delivery_timeout_s = delivery_timeout_s
+        self.metrics = metrics or Metrics()
+        self.health = health
         self.stats = RunStats()
+        self._revoked: set[tuple[str, int]] = set()
 
     def run(self, stop: threading.Event | None = None, *, max_messages: int | None = None,
             idle_timeout_s: float | None = None) -> RunStats:
-        """Run until ``stop`` is set, ``max_messages`` are committed, or nothing arrives for ``idle_timeout_s``."""
+        """Run until ``stop`` is set, ``max_messages`` are committed, or nothing arrives for ``idle_timeout_s``.
+
+        ``stop`` (SIGTERM/SIGINT) is honoured between batches: the batch in hand is finished and committed first,
+        unless its delivery keeps failing, in which case it is left uncommitted for redelivery.
+        """
         stop = stop or threading.Event()
         m = self.classifier.model
         db.register_model(self.database, name=m.name, version=m.version, weights_sha256=m.weights_sha256,
                           taxonomy=m.taxonomy, model_metadata=m.card())
-        self.consumer.subscribe(self.input_topics)
+        self.metrics.model_info.labels(m.name, m.version, m.weights_sha256,
+                                       str(self.classifier.engine.device)).set(1)
+        self.consumer.subscribe(self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+        if self.health is not None:
+            self.health.ready.set()  # the engine has run its warm-up batch; the consumer is subscribed
         last_message = time.monotonic()
         try:
             while not stop.is_set():
+                if self.health is not None:
+                    self.health.beat()
                 messages = self._poll()                                          # consume
                 if not messages:
                     if idle_timeout_s is not None and time.monotonic() - last_message > idle_timeout_s:
                         break
                     continue
                 last_message = time.monotonic()
-                outcome = self.classifier.execute(messages, consumed_at=datetime.now(timezone.utc))  # execute
+                with self.metrics.stage_seconds.labels("execute").time():         # decode .. classify
+                    outcome = self.classifier.execute(messages, consumed_at=datetime.now(timezone.utc))
                 if not self._with_retries(lambda: self._deliver(outcome), stop):  # write, publish, commit
                     break
                 self._account(outcome)
                 if max_messages is not None and self.stats.messages >= max_messages:
                     break
         finally:
+            if self.health is not None:
+                self.health.stop()
             self.producer.flush(self.delivery_timeout_s)
             self.consumer.close()
         return self.stats
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._revoked -= {(tp.topic, tp.partition) for tp in partitions}
+        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Revocation can only arrive inside a poll; a batch waiting for retry will not commit these partitions."""
+        self._revoked |= {(tp.topic, tp.partition) for tp in partitions}
+        log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _poll(self) -> list[Message]:
         msgs = self.consumer.consume(num_messages=self.max_batch_size, timeout=self.max_wait_s)
@@ -225,42 +281,83 @@ class Daemon:
 
     def _deliver(self, outcome: BatchOutcome) -> None:
         """Write, publish, then commit offsets; raises ``InfrastructureError`` before committing if any step fails."""
-        db.write_batch(self.database, [c.rows for c in outcome.classified], [d.row() for d in outcome.dead])
+        with self.metrics.stage_seconds.labels("write").time():
+            db.write_batch(self.database, [c.rows for c in outcome.classified], [d.row() for d in outcome.dead])
         failures: list[str] = []
 
         def on_delivery(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
                 failures.append(str(err))
 
-        for c in outcome.classified:
-            self.producer.produce(self.output_topic, key=c.key, on_delivery=on_delivery,
-                                  value=self.output_codec.encode(c.annotation, framing=self.output_framing))
-        for d in outcome.dead:
-            self.producer.produce(self.dead_letter_topic, key=d.key, value=d.payload, headers=d.kafka_headers(),
-                                  on_delivery=on_delivery)
-        remaining = self.producer.flush(self.delivery_timeout_s)
+        with self.metrics.stage_seconds.labels("publish").time():
+            for c in outcome.classified:
+                self.producer.produce(self.output_topic, key=c.key, on_delivery=on_delivery,
+                                      value=self.output_codec.encode(c.annotation, framing=self.output_framing))
+            for d in outcome.dead:
+                self.producer.produce(self.dead_letter_topic, key=d.key, value=d.payload,
+                                      headers=d.kafka_headers(), on_delivery=on_delivery)
+            remaining = self.producer.flush(self.delivery_timeout_s)
         if remaining or failures:
             raise InfrastructureError(f"{remaining} messages undelivered, {len(failures)} failed: {failures[:3]}")
-        self.consumer.commit(offsets=outcome.offsets, asynchronous=False)
+        offsets = [tp for tp in outcome.offsets if (tp.topic, tp.partition) not in self._revoked]
+        if len(offsets) < len(outcome.offsets):
+            log.warning("not committing revoked partitions; their new owner reprocesses them idempotently")
+        if offsets:
+            with self.metrics.stage_seconds.labels("commit").time():
+                self.consumer.commit(offsets=offsets, asynchronous=False)
 
     def _with_retries(self, action: Callable[[], None], stop: threading.Event) -> bool:
+        """Retry infrastructure failures with backoff; partitions are paused meanwhile so the group keeps us."""
         backoff = self.retry_backoff_s
-        while True:
-            try:
-                action()
-                return True
-            except (InfrastructureError, DBAPIError, KafkaException) as exc:
-                log.error("infrastructure failure, retrying in %.1f s (nothing committed): %s", backoff, exc)
-                if stop.wait(backoff):
-                    return False
+        paused: list[TopicPartition] = []
+        try:
+            while True:
+                try:
+                    action()
+                    return True
+                except (InfrastructureError, DBAPIError, KafkaException) as exc:
+                    self.metrics.infrastructure_retries.inc()
+                    log.error("infrastructure failure, retrying in %.1f s (nothing committed): %s", backoff, exc)
+                if not paused:
+                    paused = list(self.consumer.assignment()) if hasattr(self.consumer, "assignment") else []
+                    if paused:
+                        self.consumer.pause(paused)
+                deadline = time.monotonic() + backoff
+                while time.monotonic() < deadline:
+                    if stop.is_set():
+                        return False
+                    if self.health is not None:
+                        self.health.beat()
+                    if paused:  # serve heartbeats and rebalance callbacks; paused partitions return nothing
+                        for msg in self.consumer.consume(num_messages=1, timeout=min(0.2, backoff)):
+                            log.debug("ignored %s while paused", _where(msg))
+                    else:
+                        stop.wait(min(0.2, backoff))
                 backoff = min(backoff * 2, self.retry_backoff_max_s)
+        finally:
+            if paused:
+                self.consumer.resume(paused)
 
     def _account(self, outcome: BatchOutcome) -> None:
         self.stats.batches += 1
         self.stats.classified += len(outcome.classified)
         self.stats.dead_lettered += len(outcome.dead)
+        mt = self.metrics
+        mt.batch_size.observe(len(outcome.classified) + len(outcome.dead))
+        mt.spectra.labels("classified").inc(len(outcome.classified))
+        mt.spectra.labels("dead_lettered").inc(len(outcome.dead))
+        now = datetime.now(timezone.utc)
+        for c in outcome.classified:
+            mt.end_to_end_seconds.observe((now - c.annotation["timing"]["produced_at"]).total_seconds())
+        for d in outcome.dead:
+            mt.dead_letters.labels(type(d.error).__name__).inc()
         for tp in outcome.offsets:
             self.stats.committed[(tp.topic, tp.partition)] = tp.offset
+            if hasattr(self.consumer, "get_watermark_offsets"):
+                # cached=True: the high watermark learned from fetches, right on every broker (see brokers.md).
+                high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)[1]
+                if high >= 0:
+                    mt.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(high - tp.offset, 0))
         log.info("batch %d: %d classified, %d dead-lettered; committed %s", self.stats.batches,
                  len(outcome.classified), len(outcome.dead),
                  ", ".join(f"{tp.topic}[{tp.partition}]={tp.offset}" for tp in outcome.offsets))

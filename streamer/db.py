@@ -48,6 +48,7 @@ spectra = sa.Table(
     sa.Column("n_pixels", sa.Integer, nullable=False),
     sa.Column("produced_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("raw_packet", sa.LargeBinary),  # the packet as received, when database.store_arrays is set
 )
 
 classifications = sa.Table(

@@ -66,6 +66,10 @@ class UnitError(PreprocessError):
     """A unit string astropy does not know, or of the wrong physical type."""
 
 
+class InferenceError(PacketError):
+    """The model failed on this one spectrum (isolated by splitting its batch)."""
+
+
 class SpectrumFileError(SpectraNetError):
     """A spectrum file that cannot be read (produce, classify)."""
 

@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def consumer_config(k: KafkaSettings) -> dict[str, object]:
+    static = {"group.instance.id": k.group_instance_id} if k.group_instance_id else {}
     return {
+        **static,
         **k.client_config(),
         "group.id": k.group_id,
         # Offsets are committed by the daemon, synchronously, after the database commit and the delivery reports.

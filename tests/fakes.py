@@ -54,10 +54,24 @@ class FakeConsumer:
     closed: bool = False
     _position: int | None = None
 
-    def subscribe(self, topics: list[str]) -> None:
+    paused: list[TopicPartition] = field(default_factory=list)
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.topics = topics
+        self.callbacks = callbacks
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in sorted({(m.topic(), m.partition()) for m in self.messages})]
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused = list(partitions)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused = []
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
+        if self.paused:
+            return []
         if self._position is None:  # start from committed offsets, like a fresh group member
             self._position = sum(1 for m in self.messages
                                  if m.offset() < self.committed.get((m.topic(), m.partition()), 0))

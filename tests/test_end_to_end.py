@@ -76,7 +76,7 @@ def test_200_real_spectra_through_kafka_and_postgres(kafka, database_url, topic_
     n, errors = publish_files(GOOD, topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
     assert (n, errors) == (200, [])
 
-    stats = build_daemon(settings).run(max_messages=200, idle_timeout_s=90)
+    stats = build_daemon(settings, serve_metrics=False).run(max_messages=200, idle_timeout_s=90)
     assert (stats.classified, stats.dead_lettered) == (200, 0)
 
     engine = sa.create_engine(database_url)
@@ -108,7 +108,7 @@ def test_bad_spectra_are_dead_lettered_on_a_real_broker(kafka, database_url, top
     k = settings.kafka
     ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
     n, _ = publish_files(paths, topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
-    stats = build_daemon(settings).run(max_messages=n, idle_timeout_s=60)
+    stats = build_daemon(settings, serve_metrics=False).run(max_messages=n, idle_timeout_s=60)
     assert (stats.classified, stats.dead_lettered) == (10, len(BAD))
     dlq = _drain(kafka.bootstrap_servers, k.dead_letter_topic, len(BAD))
     assert len(dlq) == len(BAD)
@@ -129,7 +129,7 @@ def test_cli_smoke_on_tansu(tansu, tmp_path, topic_prefix) -> None:
            "SPECTRANET_KAFKA__GROUP_ID": f"{topic_prefix}-g",
            "SPECTRANET_KAFKA__INPUT_TOPICS": f'["{topic_prefix}-in"]',
            "SPECTRANET_KAFKA__OUTPUT_TOPIC": f"{topic_prefix}-out",
-           "SPECTRANET_KAFKA__SESSION_TIMEOUT_MS": "6000",
+           "SPECTRANET_KAFKA__SESSION_TIMEOUT_MS": "6000", "SPECTRANET_METRICS__PORT": "0",
            "SPECTRANET_DATABASE__URL": f"sqlite:///{tmp_path / 'smoke.sqlite'}"}
     settings = load_settings(kafka={"bootstrap_servers": tansu.bootstrap_servers,
                                     "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out"})
