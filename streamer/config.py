@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamer.errors import ConfigError
@@ -25,7 +25,11 @@ __all__ = ["Settings", "KafkaSettings", "DatabaseSettings", "ModelSettings", "Ba
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("spectranet_config_file", default=None)
 
 
-class KafkaSettings(BaseModel):
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in the config file is an error, not a silent default
+
+
+class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "spectranet"
     group_instance_id: str | None = None         # static membership: a restart within the session keeps partitions
@@ -52,24 +56,34 @@ class KafkaSettings(BaseModel):
         return conf
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(_Section):
     url: SecretStr = SecretStr("sqlite:///spectranet.sqlite")
-    store_arrays: bool = False
+    url_file: Path | None = None                 # read the URL from this file (a mounted secret) instead
+    store_arrays: bool = False                   # keep each packet's original bytes (for reprocessing)
+
+    @model_validator(mode="after")
+    def _url_from_file(self) -> "DatabaseSettings":
+        if self.url_file is not None:
+            try:
+                self.url = SecretStr(self.url_file.read_text().strip())
+            except OSError as exc:
+                raise ValueError(f"database.url_file {self.url_file}: {exc.strerror}") from exc
+        return self
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = 9108                             # /metrics, /healthz, /readyz
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Section):
     path: Path | None = None                     # None: the model shipped in the package
     device: str = "auto"                         # auto | cpu | cuda | cuda:N
     max_batch_size: int = 256
 
 
-class BatchSettings(BaseModel):
+class BatchSettings(_Section):
     max_size: int = 64                           # close a micro-batch at this many packets ...
     max_wait_s: float = 1.0                      # ... or after this long, whichever comes first
     retry_backoff_s: float = 1.0                 # first wait after an infrastructure failure (doubles, capped)
@@ -123,9 +137,6 @@ class _YamlSource(PydanticBaseSettingsSource):
         if raw:
             kafka = data.setdefault("kafka", {})
             kafka["client_properties"] = {**raw, **kafka.get("client_properties", {})}
-        url_file = os.environ.get("SPECTRANET_DATABASE__URL_FILE")
-        if url_file:
-            data.setdefault("database", {})["url"] = Path(url_file).read_text().strip()
         return data
 
 
