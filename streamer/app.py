@@ -36,5 +36,5 @@ def build_daemon(settings: Settings, *, upgrade_database: bool = True, serve_met
         dead_letter_topic=k.dead_letter_topic, output_codec=Codec("annotated_spectrum", resolver=resolver),
         output_framing=k.output_framing, max_batch_size=settings.batch.max_size, max_wait_s=settings.batch.max_wait_s,
         retry_backoff_s=settings.batch.retry_backoff_s, retry_backoff_max_s=settings.batch.retry_backoff_max_s,
-        metrics=metrics, health=health,
+        metrics=metrics, health=health, pipelined=settings.batch.pipelined,
     )

@@ -86,6 +86,7 @@ class ModelSettings(_Section):
 class BatchSettings(_Section):
     max_size: int = 64                           # close a micro-batch at this many packets ...
     max_wait_s: float = 1.0                      # ... or after this long, whichever comes first
+    pipelined: bool = True                       # overlap the next batch's inference with this batch's I/O
     retry_backoff_s: float = 1.0                 # first wait after an infrastructure failure (doubles, capped)
     retry_backoff_max_s: float = 30.0
 

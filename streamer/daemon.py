@@ -1,5 +1,9 @@
 """The consumer loop: poll -> decode -> validate -> preprocess -> classify -> write -> publish -> commit.
 
+Two threads: the main thread polls, classifies and commits; a delivery thread writes the database and publishes,
+so batch N's I/O overlaps batch N+1's inference. Commits stay in order on the main thread, and at most one batch
+is ever delivered but uncommitted.
+
 Delivery guarantee: at-least-once with idempotent effects. A batch's offsets are committed (synchronously) only after
 its database transaction has committed *and* every annotated packet and dead letter has a successful delivery report.
 If the process dies in between, the batch is consumed again; the database ignores rows it already has (unique per
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -201,7 +206,7 @@ class Daemon:
                  output_framing: Framing = "schemaless", max_batch_size: int = 64, max_wait_s: float = 1.0,
                  retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 30.0,
                  delivery_timeout_s: float = 60.0, metrics: Metrics | None = None,
-                 health: HealthServer | None = None) -> None:
+                 health: HealthServer | None = None, pipelined: bool = True) -> None:
         self.consumer, self.producer, self.database = consumer, producer, database
         self.classifier = classifier
         self.input_topics = list(input_topics)
@@ -214,13 +219,18 @@ class Daemon:
         self.health = health
         self.stats = RunStats()
         self._revoked: set[tuple[str, int]] = set()
+        self.pipelined = pipelined
+        self._delivery = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery")
+        self._inflight: tuple[BatchOutcome, Future[None] | None] | None = None
 
     def run(self, stop: threading.Event | None = None, *, max_messages: int | None = None,
             idle_timeout_s: float | None = None) -> RunStats:
         """Run until ``stop`` is set, ``max_messages`` are committed, or nothing arrives for ``idle_timeout_s``.
 
-        ``stop`` (SIGTERM/SIGINT) is honoured between batches: the batch in hand is finished and committed first,
-        unless its delivery keeps failing, in which case it is left uncommitted for redelivery.
+        Pipelined: while batch N is written and published on the delivery thread, batch N+1 is polled, decoded,
+        preprocessed and classified here; N is committed (here, in order) before N+1's delivery starts, so at most
+        one batch is ever uncommitted. ``stop`` (SIGTERM/SIGINT) is honoured between batches: the batch in flight
+        is finished and committed, unless its delivery keeps failing, in which case it is left for redelivery.
         """
         stop = stop or threading.Event()
         m = self.classifier.model
@@ -237,32 +247,78 @@ class Daemon:
             while not stop.is_set():
                 if self.health is not None:
                     self.health.beat()
-                messages = self._poll()                                          # consume
-                if not messages:
+                messages = self._poll()                                           # consume
+                outcome = None
+                if messages:
+                    last_message = time.monotonic()
+                    with self.metrics.stage_seconds.labels("execute").time():      # decode .. classify
+                        outcome = self.classifier.execute(messages, consumed_at=datetime.now(timezone.utc))
+                if self._inflight is not None and not self._finish(stop):          # commit the previous batch
+                    break
+                if max_messages is not None and self.stats.messages >= max_messages:
+                    break
+                if outcome is None:
                     if idle_timeout_s is not None and time.monotonic() - last_message > idle_timeout_s:
                         break
                     continue
-                last_message = time.monotonic()
-                with self.metrics.stage_seconds.labels("execute").time():         # decode .. classify
-                    outcome = self.classifier.execute(messages, consumed_at=datetime.now(timezone.utc))
-                if not self._with_retries(lambda: self._deliver(outcome), stop):  # write, publish, commit
-                    break
-                self._account(outcome)
+                if self.pipelined:                                                 # write, publish (background)
+                    self._inflight = (outcome, self._delivery.submit(self._write_and_publish, outcome))
+                else:
+                    self._inflight = (outcome, None)
+                    if not self._finish(stop):
+                        break
                 if max_messages is not None and self.stats.messages >= max_messages:
                     break
+            if self._inflight is not None:
+                self._finish(stop)
         finally:
             if self.health is not None:
                 self.health.stop()
+            self._delivery.shutdown(wait=True)
             self.producer.flush(self.delivery_timeout_s)
             self.consumer.close()
         return self.stats
+
+    def _finish(self, stop: threading.Event) -> bool:
+        """Wait for the batch in flight, retrying its delivery if it failed, then commit it. False: gave up on stop."""
+        assert self._inflight is not None
+        outcome, future = self._inflight
+        self._inflight = None  # a revocation during retries must not try to settle it again
+        failed = future is None
+        if future is not None:
+            try:
+                future.result()
+            except (InfrastructureError, DBAPIError, KafkaException) as exc:
+                log.error("delivery failed, retrying (nothing committed): %s", exc)
+                failed = True
+
+        def deliver() -> None:
+            if failed:
+                self._write_and_publish(outcome)
+            self._commit(outcome)
+
+        if not self._with_retries(deliver, stop):
+            return False
+        self._account(outcome)
+        return True
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self._revoked -= {(tp.topic, tp.partition) for tp in partitions}
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        """Revocation can only arrive inside a poll; a batch waiting for retry will not commit these partitions."""
+        """Called inside a poll. Finish the batch in flight while we still own its partitions (commit it if its
+        delivery succeeded); a batch that cannot be delivered now will not commit the revoked partitions later."""
+        if self._inflight is not None:
+            outcome, future = self._inflight
+            try:
+                if future is not None:
+                    future.result(timeout=self.delivery_timeout_s)
+                    self._inflight = None
+                    self._commit(outcome)
+                    self._account(outcome)
+            except Exception as exc:  # noqa: BLE001 - the main loop retries it; here we only must not commit
+                log.warning("batch in flight not committed before revocation (%s); it will be redelivered", exc)
         self._revoked |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
@@ -279,8 +335,11 @@ class Daemon:
                 log.warning("consumer error (librdkafka retries it): %s", err)
         return good
 
-    def _deliver(self, outcome: BatchOutcome) -> None:
-        """Write, publish, then commit offsets; raises ``InfrastructureError`` before committing if any step fails."""
+    def _write_and_publish(self, outcome: BatchOutcome) -> None:
+        """Database transaction, then produce and wait for every delivery report; raises on any failure.
+
+        Runs on the delivery thread (the producer and the engine's pool are thread-safe; the consumer is not used).
+        """
         with self.metrics.stage_seconds.labels("write").time():
             db.write_batch(self.database, [c.rows for c in outcome.classified], [d.row() for d in outcome.dead])
         failures: list[str] = []
@@ -299,6 +358,10 @@ class Daemon:
             remaining = self.producer.flush(self.delivery_timeout_s)
         if remaining or failures:
             raise InfrastructureError(f"{remaining} messages undelivered, {len(failures)} failed: {failures[:3]}")
+
+    def _commit(self, outcome: BatchOutcome) -> None:
+        """Synchronous commit of the batch's offsets, except partitions revoked meanwhile (their new owner
+        reprocesses them; the effects are idempotent)."""
         offsets = [tp for tp in outcome.offsets if (tp.topic, tp.partition) not in self._revoked]
         if len(offsets) < len(outcome.offsets):
             log.warning("not committing revoked partitions; their new owner reprocesses them idempotently")

@@ -65,10 +65,11 @@ def _rows(database: sa.Engine, table: sa.Table) -> list[dict]:
         return [dict(r) for r in conn.execute(sa.select(table)).mappings()]
 
 
-def test_bad_packets_are_dead_lettered_and_good_ones_classified(engine, database) -> None:
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_bad_packets_are_dead_lettered_and_good_ones_classified(engine, database, pipelined: bool) -> None:
     msgs, good, bad = _messages(10)
     consumer, producer = FakeConsumer(msgs), FakeProducer()
-    stats = _daemon(consumer, producer, database, engine).run(max_messages=len(msgs))
+    stats = _daemon(consumer, producer, database, engine, pipelined=pipelined).run(max_messages=len(msgs))
 
     assert (stats.classified, stats.dead_lettered) == (10, 3)
     assert {r["spectrum_id"] for r in _rows(database, db.classifications)} == {p["spectrum_id"] for p in good}
@@ -133,4 +134,25 @@ def test_resumes_after_committed_offsets(engine, database) -> None:
     producer = FakeProducer()
     stats = _daemon(consumer, producer, database, engine).run(max_messages=len(msgs) - 4)
     assert stats.messages == len(msgs) - 4
+    assert consumer.committed == {(IN, 0): len(msgs)}
+
+
+def test_revocation_commits_the_batch_in_flight_first(engine, database) -> None:
+    """A rebalance arriving while batch N is being delivered: N is committed before the partitions go."""
+    msgs, good, _ = _messages(6)
+
+    class RevokingConsumer(FakeConsumer):
+        polls = 0
+
+        def consume(self, num_messages: int = 1, timeout: float = -1):
+            self.polls += 1
+            if self.polls == 2:  # batch 1 is in flight now
+                self.callbacks["on_revoke"](self, self.assignment())
+                self.revoked_commits = list(self.commits)
+                self.callbacks["on_assign"](self, self.assignment())
+            return super().consume(num_messages, timeout)
+
+    consumer = RevokingConsumer(msgs)
+    _daemon(consumer, FakeProducer(), database, engine).run(max_messages=len(msgs))
+    assert [tp.offset for tp in consumer.revoked_commits[0]] == [4]  # batch 1 committed inside on_revoke
     assert consumer.committed == {(IN, 0): len(msgs)}
