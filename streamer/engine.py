@@ -90,6 +90,9 @@ class InferenceEngine:
             probs = torch.softmax(out.logits.float() / self.checkpoint.temperature, dim=1).cpu().numpy()
             z = out.z_mean.float().cpu().numpy()
             z_err = torch.exp(0.5 * out.z_logvar.float()).cpu().numpy()
+        if not (np.isfinite(probs).all() and np.isfinite(z).all() and np.isfinite(z_err).all()):
+            # The daemon splits the batch to find the spectrum responsible and dead-letters it alone.
+            raise ValueError("model produced non-finite outputs")
         n = len(self.taxonomy)
         entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(n)
         preds = []

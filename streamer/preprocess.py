@@ -58,8 +58,10 @@ __all__ = [
     "prepare",
 ]
 
-PREPROCESS_VERSION: str = "1.0"
-SUPPORTED_PREPROCESS_VERSIONS: frozenset[str] = frozenset({"1.0"})
+# 1.1: normalised flux is clipped to +-NORMALISED_LIMIT (1.0 overflowed float32 on extreme spikes); otherwise equal,
+# so checkpoints made with 1.0 stay supported.
+PREPROCESS_VERSION: str = "1.1"
+SUPPORTED_PREPROCESS_VERSIONS: frozenset[str] = frozenset({"1.0", "1.1"})
 
 FloatArray = np.ndarray  # float64 [n] unless stated
 Normalisation = Literal["robust", "continuum"]
@@ -73,9 +75,11 @@ FLAGS: Mapping[str, str] = MappingProxyType({
     "negative_flux": "more than 1% of the covered bins have negative flux",
     "uncalibrated": "flux is in arbitrary units, or the packet says it is not flux calibrated",
     "dropped_pixels": "some input pixels were masked or non-finite and were dropped",
+    "clipped": f"some normalised flux exceeded +-{100:g} times the robust scale (spikes, cosmic rays) and was clipped",
     "no_redshift": "rest frame was requested but no redshift was given; the spectrum stays in the observed frame",
 })
 _NEGATIVE_FLUX_FRACTION = 0.01
+NORMALISED_LIMIT = 100.0  # model input never exceeds this magnitude: one wild pixel must not overflow float32
 _CLIP_PASSES = 2  # continuum fit: refits after clipping lines (the first fit is biased near strong lines)
 _MIN_CLIP = 0.02  # continuum fit: residuals within 2% are never clipped (noiseless spectra have sigma ~ 0)
 
@@ -773,6 +777,11 @@ def prepare(
     on_grid = (w >= grid.wave_min) & (w <= grid.wave_max)
     snr = median_snr(cleaned.flux[on_grid], None if cleaned.flux_err is None else cleaned.flux_err[on_grid])
 
+    if not np.all(np.isfinite(normalised)):
+        raise PreprocessError("normalisation produced non-finite values", field="flux")
+    if np.any(np.abs(normalised) > NORMALISED_LIMIT):
+        flags.append("clipped")
+        normalised = np.clip(normalised, -NORMALISED_LIMIT, NORMALISED_LIMIT)
     out_flux = normalised.astype(np.float32)
     out_flux.setflags(write=False)
     coverage = binned.coverage.copy()

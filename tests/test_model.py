@@ -216,7 +216,12 @@ def test_eval_mode_disables_dropout_and_train_mode_uses_it(models):
         torch.manual_seed(1)
         t2 = model(x).logits
         model.eval()
+        torch.manual_seed(0)
+        e1 = model(x).logits
+        torch.manual_seed(1)
+        e2 = model(x).logits
     assert not torch.equal(t1, t2)
+    assert torch.equal(e1, e2)
 
 
 # ------------------------------------------------------------------------------------------------ size

@@ -1,0 +1,148 @@
+"""Tests of ``spectranet classify``: the real command on one file of every format, errors, order and batching."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamer.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
+from streamer.classify import classify_files
+from streamer.engine import InferenceEngine
+from streamer.model import ModelConfig, SpectraNet
+from streamer.preprocess import Grid, PreprocessConfig
+from streamer.readers import FORMATS, sniff_format
+from streamer.taxonomy import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMAT_FIXTURES = sorted(f"tests/data/formats/{p.name}" for p in (ROOT / "tests/data/formats").iterdir()
+                         if p.suffix in (".fits", ".txt", ".csv"))
+SHARED_ASCII = "tests/data/spectra/SN2012P__00.txt"
+SEDM = "tests/data/spectra/2019dwa_TNS_ZTF_SEDM_2019.0514.txt"
+BAD = sorted(f"tests/data/bad_spectra/{p.name}" for p in (ROOT / "tests/data/bad_spectra").glob("*.txt"))
+MISSING = "tests/data/spectra/no_such_spectrum.txt"
+RESULT_KEYS = {"file", "top_class", "probabilities", "redshift", "redshift_err", "model", "quality"}
+
+
+def _classify(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streamer.cli", "classify", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]  # every line must be one JSON object
+
+
+def _check_result(r: dict, model: dict) -> None:
+    assert set(r) == RESULT_KEYS
+    assert list(r["probabilities"]) == list(CLASSES)
+    assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert r["top_class"] == max(r["probabilities"], key=r["probabilities"].get)
+    assert r["redshift"] >= 0.0 and r["redshift_err"] > 0.0
+    assert r["model"] == model
+    q = r["quality"]
+    assert 0.0 < q["coverage_fraction"] <= 1.0
+    assert 0.0 <= q["ood_score"] <= 1.0
+    assert "median_snr" in q
+
+
+@pytest.fixture(scope="module")
+def garbage(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("classify") / "garbage.txt"
+    path.write_text("this is not\na spectrum at all\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory) -> Path:
+    """A tiny model on the default preprocessing grid (the command reads the grid from the checkpoint)."""
+    preprocess = PreprocessConfig()
+    config = ModelConfig(n_bins=preprocess.grid.n_bins, widths=(8, 16), kernels=((9, 5, 3), (5, 3, 1)), hidden=16)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-2.3.4.safetensors"
+    save_checkpoint(SpectraNet(config), path, name="tiny", version="2.3.4", taxonomy=CLASSES, preprocess=preprocess)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shipped_run(garbage):
+    """One run of the real command with the shipped model, good and bad files interleaved."""
+    files = [FORMAT_FIXTURES[0], MISSING, *FORMAT_FIXTURES[1:], SHARED_ASCII, BAD[0], SEDM, garbage, *BAD[1:2]]
+    return files, _classify("--json", *files)
+
+
+def test_fixtures_cover_every_format():
+    assert {sniff_format(ROOT / p) for p in [*FORMAT_FIXTURES, SHARED_ASCII, SEDM]} == set(FORMATS)
+
+
+def test_one_json_object_per_file_in_order(shipped_run):
+    files, proc = shipped_run
+    assert proc.returncode == 0, proc.stderr
+    results = _json_lines(proc.stdout)
+    assert [r["file"] for r in results] == files  # the path as given, in input order
+
+
+def test_readable_files_get_full_results_with_the_model_identity(shipped_run):
+    files, proc = shipped_run
+    weights = default_checkpoint_path()
+    card = load_checkpoint(weights)
+    model = {"name": card.name, "version": card.version, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    results = {r["file"]: r for r in _json_lines(proc.stdout)}
+    for path in [*FORMAT_FIXTURES, SHARED_ASCII, SEDM]:
+        assert "error" not in results[path], results[path]
+        _check_result(results[path], model)
+
+
+def test_unreadable_and_bad_files_yield_error_objects(shipped_run, garbage):
+    _, proc = shipped_run
+    results = {r["file"]: r for r in _json_lines(proc.stdout)}
+    for path in (MISSING, garbage, BAD[0], BAD[1]):
+        assert set(results[path]) == {"file", "error"}
+        assert isinstance(results[path]["error"], str) and results[path]["error"]
+    assert MISSING in results[MISSING]["error"]  # the message names the file
+
+
+def test_every_bad_spectrum_is_an_error_not_a_prediction(checkpoint_path):
+    # in-process with a tiny model on the default grid: the bad spectra fail in reading or preprocessing
+    engine = InferenceEngine(load_checkpoint(checkpoint_path), device="cpu", warmup=False)
+    results = list(classify_files([str(ROOT / p) for p in BAD], engine))
+    assert [set(r) for r in results] == [{"file", "error"}] * len(BAD)
+
+
+def test_all_files_failing_exits_non_zero(garbage):
+    proc = _classify("--json", MISSING, garbage)
+    assert proc.returncode == 1
+    assert [set(r) for r in _json_lines(proc.stdout)] == [{"file", "error"}] * 2
+
+
+# ------------------------------------------------------------------------------------------------ --model, batching
+
+
+def test_model_option_uses_that_checkpoint(checkpoint_path):
+    proc = _classify("--json", "--model", str(checkpoint_path), SEDM, FORMAT_FIXTURES[0])
+    assert proc.returncode == 0, proc.stderr
+    model = {"name": "tiny", "version": "2.3.4", "sha256": hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()}
+    results = _json_lines(proc.stdout)
+    assert [r["file"] for r in results] == [SEDM, FORMAT_FIXTURES[0]]
+    for r in results:
+        _check_result(r, model)
+
+
+def test_internal_batches_keep_order_and_results(checkpoint_path, garbage):
+    engine = InferenceEngine(load_checkpoint(checkpoint_path), device="cpu", warmup=False)
+    files = [str(ROOT / p) for p in [*FORMAT_FIXTURES, SHARED_ASCII]]
+    files.insert(2, garbage)
+    one_batch = list(classify_files(files, engine, batch_size=256))
+    small_batches = list(classify_files(files, engine, batch_size=2))
+    assert [r["file"] for r in small_batches] == files
+    assert [set(r) == {"file", "error"} for r in small_batches] == [p == garbage for p in files]
+    for a, b in zip(one_batch, small_batches):
+        assert a.keys() == b.keys()
+        if "probabilities" in a:
+            assert a["probabilities"] == pytest.approx(b["probabilities"], rel=1e-5, abs=1e-6)
+            assert a["redshift"] == pytest.approx(b["redshift"], rel=1e-5, abs=1e-6)

@@ -1,0 +1,228 @@
+"""Tests of streamer.engine: well-formed predictions, batching, device selection, out-of-memory halving, GPU parity."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.checkpoint import Checkpoint
+from streamer.engine import InferenceEngine, select_device
+from streamer.errors import ConfigError
+from streamer.model import ModelConfig, ModelOutput, SpectraNet
+from streamer.preprocess import Grid, PreprocessConfig, Prepared, prepare
+from streamer.readers import read_spectrum
+from streamer.taxonomy import CLASSES
+
+SPECTRA = Path(__file__).parent / "data" / "spectra"
+TINY = ModelConfig(n_bins=128, widths=(8, 16, 16), kernels=((9, 5, 3), (5, 3, 1), (3, 3, 1)), hidden=16)
+PREPROCESS = PreprocessConfig(grid=Grid(3500.0, 10000.0, TINY.n_bins))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _checkpoint(temperature: float = 1.0) -> Checkpoint:
+    torch.manual_seed(0)
+    model = SpectraNet(TINY)
+    with torch.no_grad():  # a random net gives near-uniform probabilities; spread the logits so argmax means something
+        model.classifier.weight.mul_(20.0)
+    return Checkpoint(name="tiny", version="0.0.0", model_config=TINY, taxonomy=CLASSES, preprocess=PREPROCESS,
+                      weights_sha256="0" * 64, temperature=temperature,
+                      state_dict={k: v.clone() for k, v in model.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Checkpoint:
+    return _checkpoint(temperature=1.7)
+
+
+@pytest.fixture
+def engine(checkpoint) -> InferenceEngine:
+    return InferenceEngine(checkpoint, device="cpu", max_batch_size=256)
+
+
+@pytest.fixture(scope="module")
+def prepared() -> list[Prepared]:
+    out = []
+    for name in ("SN2012P__00.txt", "SN2013gr__07.txt", "2019dwa_TNS_ZTF_SEDM_2019.0514.txt", "PTF10qts__05.txt",
+                 "LSQ13dos__00.txt", "SN2011hw__00.txt"):
+        sf = read_spectrum(SPECTRA / name)
+        out.append(prepare(sf.wavelength, sf.flux, flux_err=sf.flux_err, wavelength_unit=sf.wavelength_unit,
+                           flux_unit=sf.flux_unit, config=PREPROCESS))
+    return out
+
+
+def _arrays(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 2, TINY.n_bins)).astype(np.float32)
+
+
+def _as_table(preds) -> np.ndarray:
+    return np.array([[*p.probabilities.values(), p.z, p.z_err, p.ood_score] for p in preds])
+
+
+def _spy_on_forward(monkeypatch, model, sizes: list[int], fail_above: int | None = None) -> None:
+    """Record the batch size of every forward call; optionally raise CUDA OOM for batches above ``fail_above``."""
+    forward = model.forward
+
+    def spy(x):
+        if fail_above is not None and x.shape[0] > fail_above:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated for a batch of {x.shape[0]})")
+        sizes.append(x.shape[0])
+        return forward(x)
+
+    monkeypatch.setattr(model, "forward", spy)
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+
+
+def test_predictions_are_well_formed(engine, prepared):
+    preds = engine.predict(prepared)
+    assert len(preds) == len(prepared)
+    for p in preds:
+        assert list(p.probabilities) == list(CLASSES)  # taxonomy order
+        probs = np.array(list(p.probabilities.values()))
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert (probs >= 0).all() and (probs <= 1).all()
+        assert p.top_class == CLASSES[int(probs.argmax())]
+        assert p.top_probability == pytest.approx(probs.max())
+        assert p.z >= 0.0
+        assert p.z_err > 0.0 and math.isfinite(p.z_err)
+        assert 0.0 <= p.ood_score <= 1.0
+    assert len({p.top_class for p in preds} | {round(p.z, 6) for p in preds}) > 2  # not one constant answer
+
+
+def test_predictions_follow_the_model_and_its_temperature(engine, checkpoint):
+    x = _arrays(5)
+    preds = engine.predict_arrays(x)
+    model = checkpoint.build_model().eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))
+    probs = torch.softmax(out.logits / 1.7, dim=1).numpy()
+    entropy = -(probs * np.log(probs)).sum(axis=1) / math.log(len(CLASSES))
+    np.testing.assert_allclose([list(p.probabilities.values()) for p in preds], probs, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([p.z for p in preds], np.maximum(out.z_mean.numpy(), 0.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([p.z_err for p in preds], np.exp(0.5 * out.z_logvar.numpy()), rtol=1e-5)
+    np.testing.assert_allclose([p.ood_score for p in preds], entropy, rtol=1e-5, atol=1e-6)
+
+
+def test_ood_score_spans_certain_to_uniform_and_z_is_never_negative(engine, monkeypatch):
+    def fake(x):
+        logits = torch.zeros(x.shape[0], len(CLASSES))
+        logits[0, 2] = 1000.0  # spectrum 0: certain; spectrum 1: uniform
+        return ModelOutput(logits=logits, z_mean=torch.tensor([-0.3, 0.2]), z_logvar=torch.tensor([0.0, -4.0]))
+
+    monkeypatch.setattr(engine.model, "forward", fake)
+    certain, uniform = engine.predict_arrays(_arrays(2))
+    assert certain.top_class == CLASSES[2] and certain.ood_score == pytest.approx(0.0, abs=1e-6)
+    assert uniform.ood_score == pytest.approx(1.0, abs=1e-6)
+    assert uniform.top_probability == pytest.approx(1 / len(CLASSES))
+    assert certain.z == 0.0 and uniform.z == pytest.approx(0.2)
+    assert certain.z_err == pytest.approx(1.0) and uniform.z_err == pytest.approx(math.exp(-2.0))
+
+
+def test_empty_batch(engine):
+    assert engine.predict([]) == []
+
+
+def test_engine_runs_in_eval_mode_and_is_deterministic(engine, prepared):
+    assert not engine.model.training
+    a, b = engine.predict(prepared), engine.predict(prepared)
+    assert _as_table(a).tolist() == _as_table(b).tolist()
+
+
+def test_warm_up_runs_one_small_batch_at_start(checkpoint, monkeypatch):
+    sizes: list[int] = []
+    forward = SpectraNet.forward
+
+    def spy(self, x):
+        sizes.append(x.shape[0])
+        return forward(self, x)
+
+    monkeypatch.setattr(SpectraNet, "forward", spy)
+    InferenceEngine(checkpoint, device="cpu", warmup=True)
+    assert sizes == [4]
+    InferenceEngine(checkpoint, device="cpu", warmup=False)
+    assert sizes == [4]
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def test_large_batches_are_split_and_agree_with_one_by_one(checkpoint, monkeypatch):
+    engine = InferenceEngine(checkpoint, device="cpu", max_batch_size=3, warmup=False)
+    x = _arrays(8, seed=1)
+    sizes: list[int] = []
+    _spy_on_forward(monkeypatch, engine.model, sizes)
+    together = engine.predict_arrays(x)
+    assert sizes == [3, 3, 2]
+    one_by_one = [engine.predict_arrays(x[i:i + 1])[0] for i in range(len(x))]
+    np.testing.assert_allclose(_as_table(together), _as_table(one_by_one), rtol=1e-5, atol=1e-6)
+    assert [p.top_class for p in together] == [p.top_class for p in one_by_one]
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(checkpoint, monkeypatch, caplog):
+    x = _arrays(10, seed=2)
+    reference = InferenceEngine(checkpoint, device="cpu", warmup=False).predict_arrays(x)
+    engine = InferenceEngine(checkpoint, device="cpu", max_batch_size=8, warmup=False)
+    sizes: list[int] = []
+    _spy_on_forward(monkeypatch, engine.model, sizes, fail_above=2)
+    with caplog.at_level(logging.WARNING, logger="streamer.engine"):
+        preds = engine.predict_arrays(x)
+    assert engine.max_batch_size == 2  # 8 -> 4 -> 2, and it stays there for later calls
+    assert sizes == [2, 2, 2, 2, 2]
+    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 2
+    np.testing.assert_allclose(_as_table(preds), _as_table(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_at_batch_size_one_is_raised(checkpoint, monkeypatch):
+    engine = InferenceEngine(checkpoint, device="cpu", max_batch_size=4, warmup=False)
+    _spy_on_forward(monkeypatch, engine.model, [], fail_above=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.predict_arrays(_arrays(3))
+    assert engine.max_batch_size == 1
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+def test_auto_device_and_explicit_cpu():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_without_cuda_is_a_config_error(checkpoint, device):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        InferenceEngine(checkpoint, device=device)
+
+
+@needs_cuda
+def test_cuda_agrees_with_cpu_and_uses_pinned_buffers(checkpoint, prepared, monkeypatch):
+    cpu = InferenceEngine(checkpoint, device="cpu")
+    gpu = InferenceEngine(checkpoint, device="cuda")
+    assert gpu.device.type == "cuda"
+    assert next(gpu.model.parameters()).is_cuda
+    pinned: list[bool] = []
+    pin_memory = torch.Tensor.pin_memory
+
+    def spy(self, *args, **kwargs):
+        out = pin_memory(self, *args, **kwargs)
+        pinned.append(out.is_pinned())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", spy)
+    on_gpu = gpu.predict(prepared)
+    on_cpu = cpu.predict(prepared)
+    assert pinned and all(pinned)
+    a, b = _as_table(on_gpu), _as_table(on_cpu)
+    n = len(CLASSES)
+    np.testing.assert_allclose(a[:, :n], b[:, :n], atol=0.03)  # bf16 autocast on the GPU
+    np.testing.assert_allclose(a[:, n:n + 2], b[:, n:n + 2], rtol=0.05, atol=0.02)
+    np.testing.assert_allclose(a[:, n + 2], b[:, n + 2], atol=0.03)
+    assert sum(x.top_class == y.top_class for x, y in zip(on_gpu, on_cpu)) >= len(prepared) - 1
