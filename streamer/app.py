@@ -14,11 +14,12 @@ from streamer.metrics import HealthServer, Metrics
 __all__ = ["build_daemon"]
 
 
-def build_daemon(settings: Settings, *, upgrade_database: bool = True, serve_metrics: bool | None = None) -> Daemon:
+def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
+                 serve_metrics: bool | None = None) -> Daemon:
     """``serve_metrics`` overrides ``settings.metrics.enabled`` (embedded uses start no HTTP port)."""
     k = settings.kafka
     url = settings.database.url.get_secret_value()
-    if upgrade_database:
+    if settings.database.migrate_on_start if upgrade_database is None else upgrade_database:
         db.upgrade(url)
     resolver = RegistrySchemas(k.schema_registry_url) if k.schema_registry_url else BundledSchemas()
     engine = InferenceEngine(load_checkpoint(settings.model.path), device=settings.model.device,

@@ -74,6 +74,19 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db_grant(args: argparse.Namespace) -> int:
+    from streamer import db
+    from streamer.config import load_settings
+
+    if args.print:
+        print(";\n".join(db.least_privilege_grants(args.role)) + ";")
+        return 0
+    settings = load_settings(args.config)
+    db.grant_least_privilege(db.create_engine(settings.database.url.get_secret_value()), args.role)
+    print(f"granted the daemon's privileges to {args.role}")
+    return 0
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     from streamer import db
     from streamer.config import load_settings
@@ -130,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--config", type=Path)
     q.add_argument("--revision", default="head")
     q.set_defaults(func=_cmd_db_upgrade)
+    q = dbsub.add_parser("grant", help="grant a role exactly what the daemon needs (run as the owner)")
+    q.add_argument("--role", required=True)
+    q.add_argument("--print", action="store_true", help="print the GRANT statements instead of running them")
+    q.add_argument("--config", type=Path)
+    q.set_defaults(func=_cmd_db_grant)
 
     p = sub.add_parser("dlq", help="inspect and replay dead letters (from the database)")
     dsub = p.add_subparsers(dest="dlq_command", required=True)
@@ -156,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # import-time chatter
     args = _parser().parse_args(argv)
     return int(args.func(args) or 0)
 

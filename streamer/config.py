@@ -60,6 +60,7 @@ class DatabaseSettings(_Section):
     url: SecretStr = SecretStr("sqlite:///spectranet.sqlite")
     url_file: Path | None = None                 # read the URL from this file (a mounted secret) instead
     store_arrays: bool = False                   # keep each packet's original bytes (for reprocessing)
+    migrate_on_start: bool = True                # false when the daemon's role may not run DDL (least privilege)
 
     @model_validator(mode="after")
     def _url_from_file(self) -> "DatabaseSettings":

@@ -19,7 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 __all__ = ["metadata", "models", "spectra", "classifications", "dead_letters", "ClassificationRow",
-           "DeadLetterRow", "create_engine", "upgrade", "write_batch", "register_model"]
+           "DeadLetterRow", "create_engine", "upgrade", "downgrade", "write_batch", "register_model", "least_privilege_grants",
+           "grant_least_privilege"]
 
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 metadata = sa.MetaData()
@@ -117,6 +118,37 @@ def _alembic_config(url: str) -> AlembicConfig:
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema to ``revision`` with Alembic (``spectranet db upgrade``); tables are never created by hand."""
     command.upgrade(_alembic_config(url), revision)
+
+
+DAEMON_TABLES = ("models", "spectra", "classifications", "dead_letters")
+READ_ONLY = ("alembic_version", "latest_classification_per_spectrum", "latest_classification_per_object",
+             "class_changes_between_models")
+
+
+def least_privilege_grants(role: str) -> list[str]:
+    """GRANTs that let ``role`` run the daemon and nothing else: read and insert its tables, read the views.
+
+    Inserts use ``ON CONFLICT DO NOTHING``, which needs no UPDATE privilege; migrations run as the owner
+    (``spectranet db upgrade``) and the daemon runs with ``database.migrate_on_start = false``.
+    """
+    if not role.replace("_", "").isalnum():
+        raise ValueError(f"role name {role!r} must be alphanumeric with underscores")  # it is spliced into DDL
+    return [
+        f"GRANT USAGE ON SCHEMA public TO {role}",
+        f"GRANT SELECT, INSERT ON {', '.join(DAEMON_TABLES)} TO {role}",
+        f"GRANT SELECT ON {', '.join(READ_ONLY)} TO {role}",
+    ]
+
+
+def grant_least_privilege(engine: Engine, role: str) -> None:
+    with engine.begin() as conn:
+        for statement in least_privilege_grants(role):
+            conn.execute(sa.text(statement))
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Step the schema back to ``revision`` (``base`` drops everything): an owner's operation."""
+    command.downgrade(_alembic_config(url), revision)
 
 
 def _insert(engine_or_conn: sa.Connection, table: sa.Table) -> Any:
