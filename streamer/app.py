@@ -15,7 +15,7 @@ __all__ = ["build_daemon"]
 
 
 def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
-                 serve_metrics: bool | None = None) -> Daemon:
+                 serve_metrics: bool | None = None, start_at_ms: int | None = None) -> Daemon:
     """``serve_metrics`` overrides ``settings.metrics.enabled`` (embedded uses start no HTTP port)."""
     k = settings.kafka
     url = settings.database.url.get_secret_value()
@@ -38,4 +38,5 @@ def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
         output_framing=k.output_framing, max_batch_size=settings.batch.max_size, max_wait_s=settings.batch.max_wait_s,
         retry_backoff_s=settings.batch.retry_backoff_s, retry_backoff_max_s=settings.batch.retry_backoff_max_s,
         metrics=metrics, health=health, pipelined=settings.batch.pipelined,
+        start_at_ms=start_at_ms,
     )

@@ -34,6 +34,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Reprocess the input topics from a point in time, in a separate consumer group (production is untouched)."""
+    from datetime import datetime, timezone
+
+    from streamer.app import build_daemon
+    from streamer.config import load_settings
+    from streamer.logs import configure_logging
+
+    since = datetime.fromisoformat(args.since)
+    since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+    base = load_settings(args.config)
+    group = args.group or f"{base.kafka.group_id}-replay-{int(since.timestamp())}"
+    settings = load_settings(args.config, kafka={**base.kafka.model_dump(), "group_id": group,
+                                                 "group_instance_id": None})
+    configure_logging(settings.log_level, settings.log_format)
+    daemon = build_daemon(settings, serve_metrics=False, start_at_ms=int(since.timestamp() * 1000))
+    stats = daemon.run(idle_timeout_s=args.idle_timeout)
+    print(f"replayed {stats.messages} packets since {since.isoformat()} in group {group}: "
+          f"{stats.classified} classified, {stats.dead_lettered} dead-lettered")
+    return 0
+
+
+def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from streamer import db
+    from streamer.checkpoint import load_checkpoint
+    from streamer.codec import Codec
+    from streamer.config import load_settings
+    from streamer.daemon import SpectrumClassifier
+    from streamer.engine import InferenceEngine
+    from streamer.reprocess import reprocess
+
+    settings = load_settings(args.config)
+    engine = InferenceEngine(load_checkpoint(args.model), device=settings.model.device)
+    classifier = SpectrumClassifier(engine, codec=Codec("spectrum_packet"))
+    ok, failed = reprocess(db.create_engine(settings.database.url.get_secret_value()), classifier)
+    print(f"re-classified {ok} stored spectra with {engine.checkpoint.name} {engine.checkpoint.version}"
+          f" ({failed} could not be prepared)")
+    return 0
+
+
 def _cmd_produce(args: argparse.Namespace) -> int:
     from streamer.produce import publish_files
 
@@ -121,6 +161,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-messages", type=int, help="stop after this many packets (testing)")
     p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without packets")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("replay", help="reprocess the input topics from a time, in a separate consumer group")
+    p.add_argument("--since", required=True, help="ISO time, e.g. 2026-11-24T00:00 (UTC unless an offset is given)")
+    p.add_argument("--group", help="consumer group (default: '<group>-replay-<since>')")
+    p.add_argument("--idle-timeout", type=float, default=30.0, help="stop after this long without packets")
+    p.add_argument("--config", type=Path)
+    p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("reprocess", help="re-classify stored spectra with another model (keeps earlier rows)")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--config", type=Path)
+    p.set_defaults(func=_cmd_reprocess)
 
     p = sub.add_parser("produce", help="publish spectrum files as spectrum packets")
     p.add_argument("files", nargs="+")

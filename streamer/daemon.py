@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -206,7 +206,8 @@ class Daemon:
                  output_framing: Framing = "schemaless", max_batch_size: int = 64, max_wait_s: float = 1.0,
                  retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 30.0,
                  delivery_timeout_s: float = 60.0, metrics: Metrics | None = None,
-                 health: HealthServer | None = None, pipelined: bool = True) -> None:
+                 health: HealthServer | None = None, pipelined: bool = True,
+                 start_at_ms: int | None = None) -> None:
         self.consumer, self.producer, self.database = consumer, producer, database
         self.classifier = classifier
         self.input_topics = list(input_topics)
@@ -220,6 +221,7 @@ class Daemon:
         self.stats = RunStats()
         self._revoked: set[tuple[str, int]] = set()
         self.pipelined = pipelined
+        self.start_at_ms = start_at_ms  # replay: newly assigned partitions start at this time, not at commits
         self._delivery = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery")
         self._inflight: tuple[BatchOutcome, Future[None] | None] | None = None
 
@@ -304,6 +306,14 @@ class Daemon:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self._revoked -= {(tp.topic, tp.partition) for tp in partitions}
+        if self.start_at_ms is not None and partitions:
+            # Replay: start at the first offset at or after the time. Assigning here ourselves replaces the
+            # client's automatic (incremental, cooperative-sticky) assignment at the committed offsets.
+            found = consumer.offsets_for_times(
+                [TopicPartition(tp.topic, tp.partition, self.start_at_ms) for tp in partitions], timeout=30)
+            consumer.incremental_assign([TopicPartition(at.topic, at.partition,
+                                                        at.offset if at.offset >= 0 else OFFSET_END)
+                                         for at in found])
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:

@@ -147,3 +147,28 @@ def test_cli_smoke_on_tansu(tansu, tmp_path, topic_prefix) -> None:
     out = _drain(tansu.bootstrap_servers, f"{topic_prefix}-out", 20, **{"session.timeout.ms": 6000})
     assert len(out) == 20
     assert {Codec("annotated_spectrum").decode(m.value())["spectrum_id"] for m in out} == _expected_ids(paths)
+
+
+def test_replay_from_a_time_in_a_separate_group(kafka, database_url, topic_prefix) -> None:
+    from datetime import datetime, timezone
+
+    settings = load_settings(
+        kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": f"{topic_prefix}-g",
+               "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out",
+               "session_timeout_ms": 6000},
+        database={"url": database_url}, batch={"max_size": 16, "max_wait_s": 0.5})
+    k = settings.kafka
+    ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
+    publish_files(GOOD[:6], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
+    time.sleep(1.0)
+    middle = int(datetime.now(timezone.utc).timestamp() * 1000)
+    time.sleep(1.0)
+    publish_files(GOOD[6:10], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
+    assert build_daemon(settings, serve_metrics=False).run(max_messages=10, idle_timeout_s=60).classified == 10
+
+    replay = load_settings(kafka={**k.model_dump(), "group_id": f"{topic_prefix}-replay"},
+                           database={"url": database_url}, batch={"max_size": 16, "max_wait_s": 0.5})
+    stats = build_daemon(replay, serve_metrics=False, start_at_ms=middle).run(idle_timeout_s=8)
+    assert stats.classified == 4  # only what was published after `middle`
+    with sa.create_engine(database_url).connect() as conn:  # same model: the replay added no rows
+        assert conn.execute(sa.select(sa.func.count()).select_from(db.classifications)).scalar_one() == 10

@@ -148,3 +148,32 @@ def test_json_logs_are_one_object_per_line() -> None:
     record = logging.LogRecord("spectranet", logging.WARNING, __file__, 1, "dead-lettering %s", ("x@1",), None)
     entry = json.loads(JsonFormatter().format(record))
     assert entry["level"] == "WARNING" and entry["message"] == "dead-lettering x@1"
+
+
+def test_reprocess_with_another_model_keeps_earlier_rows(engine, tmp_path: Path) -> None:
+    from training.export import export_untrained
+
+    from streamer.reprocess import reprocess
+
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    db.upgrade(url)
+    database = db.create_engine(url)
+    msgs, good, bad = _messages(5)
+    daemon = _daemon(FakeConsumer(msgs), FakeProducer(), database, engine)
+    daemon.classifier.store_raw_packets = True
+    daemon.run(max_messages=len(msgs))
+
+    other = export_untrained(tmp_path / "models", seed=1, version="0.0.2")
+    second = SpectrumClassifier(InferenceEngine(load_checkpoint(tmp_path / "models" / "spectranet-sedm-0.0.2"),
+                                                device="cpu", warmup=False), codec=Codec("spectrum_packet"))
+    assert reprocess(database, second) == (len(good), 0)
+    assert reprocess(database, second) == (len(good), 0)  # idempotent: same rows again, nothing new
+    with database.connect() as conn:
+        versions = conn.execute(sa.text(
+            "SELECT model_version, count(*) FROM classifications GROUP BY model_version ORDER BY 1")).all()
+        changed = conn.execute(sa.text("SELECT count(*) FROM class_changes_between_models")).scalar_one()
+        top = dict(conn.execute(sa.text(
+            "SELECT spectrum_id || model_version, top_class FROM classifications")).all())
+    assert [tuple(v) for v in versions] == [("0.0.1", len(good)), (other.version, len(good))]
+    expected_changes = sum(top[p["spectrum_id"] + "0.0.1"] != top[p["spectrum_id"] + "0.0.2"] for p in good)
+    assert changed == expected_changes
