@@ -29,8 +29,33 @@ __all__ = ["run_demo", "sample_paths"]
 
 log = logging.getLogger(__name__)
 
-QUERY_EXAMPLE = """SELECT c.object_id, c.top_class, round(c.top_probability::numeric, 2) AS p, c.z
-  FROM classifications c ORDER BY c.processed_at DESC LIMIT 10;"""
+# Plain SQL on the views of migration 0002: runs on SQLite and PostgreSQL alike.
+SQL_EXAMPLES = """\
+-- the latest classification of each object (from its most recent spectrum)
+SELECT object_id, top_class, top_probability, z, z_err FROM latest_classification_per_object ORDER BY object_id;
+-- objects per predicted class
+SELECT top_class, count(*) AS n FROM latest_classification_per_object GROUP BY top_class ORDER BY n DESC;
+-- what was dead-lettered and why
+SELECT source_topic, source_offset, error_class, error_message FROM dead_letters;"""
+
+SUBSCRIBER = """\
+from confluent_kafka import Consumer
+from streamer.codec import Codec
+
+codec = Codec("annotated_spectrum")
+consumer = Consumer({{"bootstrap.servers": "{bootstrap}", "group.id": "my-app", "auto.offset.reset": "earliest"}})
+consumer.subscribe(["{topic}"])
+try:
+    while True:
+        msg = consumer.poll(1.0)
+        if msg is None:
+            continue
+        if msg.error():
+            raise SystemExit(msg.error())
+        a = codec.decode(msg.value())
+        print(a["object_id"], a["top_class"], round(a["top_probability"], 2), a["redshift"]["z"])
+finally:
+    consumer.close()"""
 
 
 def sample_paths() -> list[str]:
@@ -45,7 +70,8 @@ def run_demo(*, output_dir: Path) -> int:
     samples = sample_paths()
     with ExitStack() as stack:
         bootstrap = os.environ.get("SPECTRANET_KAFKA__BOOTSTRAP_SERVERS")
-        if bootstrap is None:
+        embedded = bootstrap is None
+        if embedded:
             broker = start_tansu()
             stack.callback(broker.stop)
             bootstrap = broker.bootstrap_servers
@@ -64,6 +90,7 @@ def run_demo(*, output_dir: Path) -> int:
         print(f"daemon: {stats.classified} classified, {stats.dead_lettered} dead-lettered in {stats.batches} batches; "
               f"offsets committed: {stats.committed}")
     _report(db_url, samples, output_dir)
+    _print_next_steps(db_url, bootstrap=bootstrap, topic=k.output_topic, embedded=embedded)
     print(f"\nfinished in {time.monotonic() - started:.1f} s; the database stays at {db_url}")
     return 0 if stats.classified == n else 1
 
@@ -83,13 +110,23 @@ def _report(db_url: str, samples: list[str], output_dir: Path) -> None:
         z_rep = f"{sf.redshift:.3f}" if sf and sf.redshift is not None else "?"
         z_pred = f"{r['z']:.3f}±{(r['z_err'] or 0):.3f}"
         print(f"{r['object_id'][:31]:<32}{reported:<12}{r['top_class']:<11}{r['top_probability']:>6.2f}{z_rep:>8}{z_pred:>16}")
-    print("\nQuery the results with SQL, e.g.:\n  sqlite3 " + db_url.removeprefix("sqlite:///") +
-          " \"SELECT object_id, top_class, top_probability, z FROM classifications LIMIT 10\"")
-    print("Subscribe to the output topic: spectranet-stream decodes it with "
-          "streamer.codec.Codec('annotated_spectrum').decode(message.value())")
     png = output_dir / "overview.png"
     _plot(rows, truth, png)
     print(f"overview of the spectra and their predictions: {png}")
+
+
+def _print_next_steps(db_url: str, *, bootstrap: str, topic: str, embedded: bool) -> None:
+    print("\nQuery the results with SQL (views: latest_classification_per_object, latest_classification_per_spectrum, "
+          "class_changes_between_models):")
+    if db_url.startswith("sqlite:///"):
+        print(f"  sqlite3 -header -column {db_url.removeprefix('sqlite:///')}")
+    else:
+        print("  psql (your PostgreSQL URL)")
+    print("\n".join("  " + line for line in SQL_EXAMPLES.splitlines()))
+    print(f"\nSubscribe to the output topic '{topic}' (Python; "
+          + ("the demo's embedded broker has stopped, so point it at your broker" if embedded else "as is") + "):")
+    shown = "127.0.0.1:9092" if embedded else bootstrap
+    print("\n".join("  " + line for line in SUBSCRIBER.format(bootstrap=shown, topic=topic).splitlines()))
 
 
 def _plot(rows: list, truth: dict, png: Path) -> None:
