@@ -77,8 +77,14 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 def _cmd_produce(args: argparse.Namespace) -> int:
     from streamer.produce import publish_files
 
-    n_ok, errors = publish_files(args.files, topic=args.topic, bootstrap_servers=args.bootstrap_servers,
-                                 framing=args.framing, survey=args.survey)
+    from streamer.config import load_settings
+
+    kafka = load_settings(args.config).kafka  # security settings (TLS, SASL) as for the daemon
+    n_ok, errors = publish_files(args.files, topic=args.topic,
+                                 bootstrap_servers=args.bootstrap_servers or kafka.bootstrap_servers,
+                                 framing=args.framing, survey=args.survey,
+                                 extra_config={k: v for k, v in kafka.client_config().items()
+                                               if k != "bootstrap.servers"})
     for path, err in errors:
         print(f"skipped {path}: {err}", file=sys.stderr)
     print(f"published {n_ok} packets to {args.topic}")
@@ -177,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("produce", help="publish spectrum files as spectrum packets")
     p.add_argument("files", nargs="+")
     p.add_argument("--topic", required=True)
-    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    p.add_argument("--bootstrap-servers", help="default: kafka.bootstrap_servers from the configuration")
+    p.add_argument("--config", type=Path, help="TOML or YAML config file (for the Kafka security settings)")
     p.add_argument("--framing", choices=["schemaless", "confluent", "container"], default="schemaless")
     p.add_argument("--survey", default="TNS")
     p.set_defaults(func=_cmd_produce)

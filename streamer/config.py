@@ -135,7 +135,8 @@ class _YamlSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         path = _CONFIG_FILE.get() or os.environ.get("SPECTRANET_CONFIG")
         data: dict[str, Any] = _read_file(Path(path)) if path else {}
-        raw = {k[len("KAFKA_"):].lower().replace("_", "."): v for k, v in os.environ.items() if k.startswith("KAFKA_")}
+        raw = {k[len("KAFKA_"):].lower().replace("_", "."): v for k, v in os.environ.items()
+               if k.startswith("KAFKA_") and not k.endswith("_OPTS") and k != "KAFKA_HOME"}  # JVM/broker vars
         if raw:
             kafka = data.setdefault("kafka", {})
             kafka["client_properties"] = {**raw, **kafka.get("client_properties", {})}

