@@ -403,7 +403,14 @@ class Daemon:
                         self.health.beat()
                     if paused:  # serve heartbeats and rebalance callbacks; paused partitions return nothing
                         for msg in self.consumer.consume(num_messages=1, timeout=min(0.2, backoff)):
-                            log.debug("ignored %s while paused", _where(msg))
+                            if msg.error() is None:
+                                # A partition assigned during the wait is not paused: pause it and rewind to this
+                                # message, or it would be lost (a later batch commits past it).
+                                tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+                                self.consumer.pause([tp])
+                                self.consumer.seek(tp)
+                                paused.append(tp)
+                                log.info("paused %s, assigned while retrying", _where(msg))
                     else:
                         stop.wait(min(0.2, backoff))
                 backoff = min(backoff * 2, self.retry_backoff_max_s)
