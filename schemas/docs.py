@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spectranet_schemas import ANNOTATED_SPECTRUM, SPECTRUM_PACKET, latest_version, raw_schema, versions
+from spectranet_schemas import (
+    ANNOTATED_SPECTRUM,
+    SPECTRUM_PACKET,
+    latest_version,
+    raw_schema,
+    versions,
+)
 
 __all__ = ["render"]
 
@@ -61,7 +67,8 @@ def _record_table(record: dict[str, Any], records: list[dict[str, Any]]) -> list
     for f in record["fields"]:
         default = f.get("default", _NO_DEFAULT)
         default_text = "required" if default is _NO_DEFAULT else f"`{json.dumps(default)}`"
-        lines.append(f"| `{f['name']}` | {_type_name(f['type'], records)} | {default_text} | {_cell(f.get('doc', ''))} |")
+        type_name = _type_name(f["type"], records)
+        lines.append(f"| `{f['name']}` | {type_name} | {default_text} | {_cell(f.get('doc', ''))} |")
     return lines + [""]
 
 

@@ -19,7 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from streamer.errors import CheckpointError, ConfigError
 from streamer.model import ModelConfig, SpectraNet
-from streamer.preprocess import PREPROCESS_VERSION, SUPPORTED_PREPROCESS_VERSIONS, PreprocessConfig
+from streamer.preprocess import (
+    PREPROCESS_VERSION,
+    SUPPORTED_PREPROCESS_VERSIONS,
+    PreprocessConfig,
+)
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "default_checkpoint_path", "sha256_file"]
 

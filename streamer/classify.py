@@ -6,8 +6,6 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
-
 from streamer.engine import InferenceEngine
 from streamer.errors import PacketError, SpectrumFileError
 from streamer.preprocess import Prepared, prepare

@@ -18,7 +18,6 @@ log = logging.getLogger("spectranet")
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamer.app import build_daemon
     from streamer.config import load_settings
-
     from streamer.logs import configure_logging
 
     settings = load_settings(args.config)
@@ -75,9 +74,8 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from streamer.produce import publish_files
-
     from streamer.config import load_settings
+    from streamer.produce import publish_files
 
     kafka = load_settings(args.config).kafka  # security settings (TLS, SASL) as for the daemon
     n_ok, errors = publish_files(args.files, topic=args.topic,
@@ -143,7 +141,8 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     if args.dlq_command == "list":
         rows = list_dead_letters(engine, limit=args.limit, error_class=args.error_class)
         for r in rows:
-            print(f"{r['failed_at']:%Y-%m-%d %H:%M:%S} {r['source_topic']}[{r['source_partition']}]@{r['source_offset']} "
+            where = f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}"
+            print(f"{r['failed_at']:%Y-%m-%d %H:%M:%S} {where} "
                   f"{r['error_class']}({r['error_field'] or '-'}): {r['error_message']}")
         print(f"{len(rows)} dead letters shown")
     else:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import fastavro
-
 import spectranet_schemas as schemas
+
 from streamer.errors import DecodeError
 
 __all__ = [
@@ -67,7 +67,8 @@ class BundledSchemas:
         try:
             name, version = self.ids[schema_id]
         except KeyError:
-            raise DecodeError(f"unknown schema id {schema_id} (bundled ids: {sorted(self.ids)})", field="schema_id")
+            raise DecodeError(f"unknown schema id {schema_id} (bundled ids: {sorted(self.ids)})",
+                              field="schema_id") from None
         return schemas.load_schema(name, version)
 
     def schema_id(self, name: str, version: str) -> int:
@@ -149,7 +150,8 @@ class Codec:
         if not data:
             raise DecodeError("empty message", field="value")
         if len(data) > self.max_message_bytes:
-            raise DecodeError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}", field="value")
+            raise DecodeError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}",
+                              field="value")
         framing = sniff_framing(data)
         try:
             if framing == "container":
@@ -170,7 +172,8 @@ class Codec:
             raise
         except (EOFError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, struct.error) as exc:
             # fastavro reports truncation and schema mismatch through these; anything else is our bug and propagates.
-            raise DecodeError(f"not a valid {self.name} in {framing} framing: {type(exc).__name__}: {exc}", field="value") from exc
+            raise DecodeError(f"not a valid {self.name} in {framing} framing: {type(exc).__name__}: {exc}",
+                              field="value") from exc
         except Exception as exc:  # fastavro raises its own SchemaResolutionError and friends
             if type(exc).__module__.startswith("fastavro"):
                 raise DecodeError(f"not a valid {self.name} in {framing} framing: {exc}", field="value") from exc

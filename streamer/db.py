@@ -19,7 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 __all__ = ["metadata", "models", "spectra", "classifications", "dead_letters", "ClassificationRow",
-           "DeadLetterRow", "create_engine", "upgrade", "downgrade", "write_batch", "register_model", "least_privilege_grants",
+           "DeadLetterRow", "create_engine", "upgrade", "downgrade", "write_batch", "register_model",
+           "least_privilege_grants",
            "grant_least_privilege"]
 
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")

@@ -84,7 +84,8 @@ def run_demo(*, output_dir: Path) -> int:
         k = settings.kafka
         ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
         n, errors = publish_files(samples, topic=k.input_topics[0], bootstrap_servers=bootstrap)
-        print(f"published {n} real sample spectra to '{k.input_topics[0]}'" + (f" ({len(errors)} failed)" if errors else ""))
+        failed = f" ({len(errors)} failed)" if errors else ""
+        print(f"published {n} real sample spectra to '{k.input_topics[0]}'{failed}")
         daemon = build_daemon(settings, serve_metrics=False)
         stats = daemon.run(max_messages=n, idle_timeout_s=60.0)
         print(f"daemon: {stats.classified} classified, {stats.dead_lettered} dead-lettered in {stats.batches} batches; "

@@ -60,7 +60,7 @@ def ensure_topics(k: KafkaSettings, topics: Iterable[str], *, partitions: int = 
     new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
     if not new:
         return
-    for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+    for future in admin.create_topics(new, operation_timeout=timeout_s).values():
         try:
             future.result(timeout_s)
         except KafkaException as exc:

@@ -35,7 +35,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.kernels):
-            raise ValueError(f"widths ({len(self.widths)}) and kernels ({len(self.kernels)}) must have one entry per stage")
+            raise ValueError(f"widths ({len(self.widths)}) and kernels ({len(self.kernels)}) "
+                             "must have one entry per stage")
         if any(k % 2 == 0 for ks in self.kernels for k in ks):
             raise ValueError("kernel sizes must be odd so 'same' padding is symmetric")
         if self.pooling not in ("max", "multiscale"):
