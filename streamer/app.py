@@ -23,7 +23,8 @@ def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
         db.upgrade(url)
     resolver = RegistrySchemas(k.schema_registry_url) if k.schema_registry_url else BundledSchemas()
     engine = InferenceEngine(load_checkpoint(settings.model.path), device=settings.model.device,
-                             max_batch_size=settings.model.max_batch_size)
+                             max_batch_size=settings.model.max_batch_size,
+                             cpu_batch_size=settings.model.cpu_batch_size, threads=settings.model.threads)
     classifier = SpectrumClassifier(engine, codec=Codec("spectrum_packet", resolver=resolver,
                                                         max_message_bytes=k.max_message_bytes),
                                     store_raw_packets=settings.database.store_arrays)

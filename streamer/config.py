@@ -92,12 +92,14 @@ class MetricsSettings(_Section):
 class ModelSettings(_Section):
     path: Path | None = None                     # None: the model shipped in the package
     device: str = "auto"                         # auto | cpu | cuda | cuda:N
-    max_batch_size: int = 256
+    max_batch_size: int = 256                    # per forward pass on GPU (halves on out-of-memory)
+    cpu_batch_size: int = 16                     # per forward pass on CPU, where small batches are faster
+    threads: int | None = None                   # torch intra-op threads; None: one per core
 
 
 class BatchSettings(_Section):
     max_size: int = 64                           # close a micro-batch at this many packets ...
-    max_wait_s: float = 1.0                      # ... or after this long, whichever comes first
+    max_wait_s: float = 0.25                     # ... or after this long, whichever comes first (latency bound)
     pipelined: bool = True                       # overlap the next batch's inference with this batch's I/O
     retry_backoff_s: float = 1.0                 # first wait after an infrastructure failure (doubles, capped)
     retry_backoff_max_s: float = 30.0

@@ -140,9 +140,10 @@ class SpectrumClassifier:
                 ready.append((msg, packet, self._prepare(packet)))
             except PacketError as exc:
                 dead.append(_dead_letter(msg, exc, packet))
+        predicted = self._predict_isolating(ready, dead)                         # classify
         classified_at = datetime.now(timezone.utc)
         out = []
-        for (msg, packet, prepared), pred in self._predict_isolating(ready, dead):  # classify
+        for (msg, packet, prepared), pred in predicted:
             ann = build_annotation(packet, prepared, pred, self.model,
                                    source=Source(msg.topic(), msg.partition(), msg.offset()),
                                    consumed_at=consumed_at, classified_at=classified_at)
@@ -291,6 +292,7 @@ class Daemon:
             try:
                 future.result()
             except (InfrastructureError, DBAPIError, KafkaException) as exc:
+                self.metrics.infrastructure_retries.inc()  # retried below; counted even if that retry succeeds
                 log.error("delivery failed, retrying (nothing committed): %s", exc)
                 failed = True
 
