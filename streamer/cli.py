@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,8 +25,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     log.info("starting with %r", settings)  # secrets print as '**********'
     stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        """Finish the batch in hand, commit, close; past the deadline exit anyway (the batch is redelivered)."""
+        if stop.is_set():
+            return
+        log.info("signal %d: finishing the current batch (deadline %.0f s)", signum, settings.shutdown_timeout_s)
+        stop.set()
+        timer = threading.Timer(settings.shutdown_timeout_s, lambda: os._exit(3))
+        timer.daemon = True
+        timer.start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())  # finish the batch in hand, commit, close
+        signal.signal(sig, on_signal)
     daemon = build_daemon(settings)
     stats = daemon.run(stop, max_messages=args.max_messages, idle_timeout_s=args.idle_timeout)
     print(f"processed {stats.messages} packets in {stats.batches} batches: {stats.classified} classified, "

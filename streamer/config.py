@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    shutdown_timeout_s: float = 30.0             # SIGTERM: finish, commit and close within this, else exit anyway
 
     @field_validator("log_level")
     @classmethod
