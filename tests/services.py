@@ -49,6 +49,8 @@ __all__ = [
     "KAFKA_VERSION",
     "KafkaClasspath",
     "KafkaService",
+    "RestartableKafka",
+    "RestartablePostgres",
     "PostgresService",
     "SecureKafkaService",
     "ServiceUnavailable",
@@ -57,6 +59,7 @@ __all__ = [
     "drop_database",
     "kafka_classpath",
     "start_kafka",
+    "start_local_postgres",
     "start_postgres",
     "start_secure_kafka",
     "start_tansu_service",
@@ -112,6 +115,21 @@ class PostgresService:
 
     def stop(self) -> None:
         self.stop_fn()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartablePostgres(PostgresService):
+    """A throwaway cluster of this session: ``halt`` stops the server (``pg_ctl stop -m fast``), ``resume`` starts
+    it again on the same data folder and port; ``stop`` removes it all."""
+
+    halt_fn: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
+    resume_fn: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
+
+    def halt(self) -> None:
+        self.halt_fn()
+
+    def resume(self) -> None:
+        self.resume_fn()
 
 
 # --------------------------------------------------------------------------------------------------- names
@@ -294,6 +312,7 @@ class _KraftBroker(NamedTuple):
     plaintext_bootstrap: str  # the PLAINTEXT listener on 127.0.0.1 (also the inter-broker listener)
     log_path: Path
     stop: Callable[[], None]  # stops the JVM and removes its folder
+    process: subprocess.Popen[bytes]
 
 
 def _run_kraft_broker(
@@ -340,8 +359,27 @@ def _run_kraft_broker(
             ]
         )
     )
+    jvm = _format_kraft_storage(java=java, classpath=classpath, workdir=workdir, properties=properties,
+                                format_args=format_args)
+    bootstrap_servers = f"127.0.0.1:{listeners['PLAINTEXT'][1]}"
+    process = _launch_kraft_broker(jvm, properties=properties, log_path=log_path, bootstrap_servers=bootstrap_servers)
+
+    def stop() -> None:
+        terminate(process, timeout=20.0)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    return _KraftBroker(plaintext_bootstrap=bootstrap_servers, log_path=log_path, stop=stop, process=process)
+
+
+def _kafka_jvm(java: str, classpath: KafkaClasspath) -> list[str]:
     # A small heap and the serial collector: one test broker on a 2-core machine, not a production one.
-    jvm = [java, "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true", "-cp", classpath.jars]
+    return [java, "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true", "-cp", classpath.jars]
+
+
+def _format_kraft_storage(*, java: str, classpath: KafkaClasspath, workdir: Path, properties: Path,
+                          format_args: tuple[str, ...] = ()) -> list[str]:
+    """Format the KRaft storage named in ``properties``; return the JVM command prefix to run the broker with."""
+    jvm = _kafka_jvm(java, classpath)
     format_result = subprocess.run(
         [*jvm, "kafka.tools.StorageTool", "format", "-t", _kafka_cluster_id(), "-c", str(properties), "--standalone",
          *format_args],
@@ -355,25 +393,70 @@ def _run_kraft_broker(
         raise InfrastructureError(
             f"kafka StorageTool format failed in {workdir}:\n{(format_result.stdout + format_result.stderr)[-3000:]}"
         )
+    return jvm
 
-    with log_path.open("wb") as log:
+
+def _launch_kraft_broker(jvm: list[str], *, properties: Path, log_path: Path,
+                         bootstrap_servers: str) -> subprocess.Popen[bytes]:
+    """Start ``kafka.Kafka properties`` (appending to ``log_path``) and return once it answers metadata."""
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [*jvm, "kafka.Kafka", str(properties)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
-    bootstrap_servers = f"127.0.0.1:{listeners['PLAINTEXT'][1]}"
     try:
         wait_for_kafka(
             bootstrap_servers, deadline=time.monotonic() + STARTUP_TIMEOUT_S, process=process, log_path=log_path
         )
     except BaseException:
-        terminate(process, timeout=10.0)  # workdir stays: it holds the log the error names
+        terminate(process, timeout=10.0)  # the workdir stays: it holds the log the error names
         raise
+    return process
 
-    def stop() -> None:
-        terminate(process, timeout=20.0)
-        shutil.rmtree(workdir, ignore_errors=True)
 
-    return _KraftBroker(plaintext_bootstrap=bootstrap_servers, log_path=log_path, stop=stop)
+class RestartableKafka:
+    """A private single-node Apache Kafka whose JVM a test may stop and start again on the same ports and log dir.
+
+    ``stop_broker`` sends SIGTERM (a controlled shutdown) and waits; ``start_broker`` runs the JVM again on the
+    formatted storage, so topics, offsets and producer state survive. ``close`` stops it and removes its folder.
+    """
+
+    def __init__(self, *, extra_properties: tuple[str, ...] = ()) -> None:
+        java, mvn = shutil.which("java"), shutil.which("mvn")
+        if not (java and mvn):
+            raise ServiceUnavailable("a private Apache Kafka needs java and mvn on PATH")
+        classpath = kafka_classpath(mvn=mvn)
+        self.workdir = Path(tempfile.mkdtemp(prefix="spectranet-kafka-private-"))
+        port, controller_port = _free_ports(2)
+        # _run_kraft_broker writes the properties, formats and starts; this class keeps the process to restart it.
+        broker = _run_kraft_broker(java=java, classpath=classpath, workdir=self.workdir,
+                                   listeners={"PLAINTEXT": ("PLAINTEXT", port)}, controller_port=controller_port,
+                                   extra_properties=extra_properties)
+        self.bootstrap_servers = broker.plaintext_bootstrap
+        self.log_path = broker.log_path
+        self._jvm = _kafka_jvm(java, classpath)
+        self._process: subprocess.Popen[bytes] | None = broker.process
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop_broker(self, *, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM and wait for the JVM to exit (SIGKILL after ``timeout_s``); returns its exit status."""
+        if self._process is None:
+            return None
+        process, self._process = self._process, None
+        terminate(process, timeout=timeout_s)
+        return process.returncode
+
+    def start_broker(self) -> None:
+        if self.running:
+            return
+        self._process = _launch_kraft_broker(self._jvm, properties=self.workdir / "server.properties",
+                                             log_path=self.log_path, bootstrap_servers=self.bootstrap_servers)
+
+    def close(self) -> None:
+        self.stop_broker(timeout_s=20.0)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -568,6 +651,16 @@ def start_postgres() -> PostgresService:
     return dataclasses.replace(service, startup_s=time.monotonic() - started)
 
 
+def start_local_postgres() -> RestartablePostgres:
+    """A private throwaway cluster from local (or pip-installed) server binaries, which a test may halt and resume."""
+    started = time.monotonic()
+    for bindir, package in ((_local_postgres_bindir(), "local binaries"), _pip_postgres_bindir()):
+        if bindir is not None and _why_cluster_cannot_run(bindir) is None:
+            service = _start_cluster(bindir, backend=f"postgresql-{_postgres_major(bindir)} ({package})")
+            return dataclasses.replace(service, startup_s=time.monotonic() - started)
+    raise ServiceUnavailable("no PostgreSQL server binaries usable here for a private, restartable cluster")
+
+
 def _choose_and_start_postgres() -> PostgresService:
     tried: list[str] = []
 
@@ -683,7 +776,7 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(command)]
 
 
-def _start_cluster(bindir: Path, *, backend: str) -> PostgresService:
+def _start_cluster(bindir: Path, *, backend: str) -> RestartablePostgres:
     """initdb a throwaway cluster in a temporary folder and start it on 127.0.0.1; ``stop`` removes it all."""
     workdir = Path(tempfile.mkdtemp(prefix="spectranet-pg-"))
     if os.geteuid() == 0:
@@ -708,6 +801,12 @@ def _start_cluster(bindir: Path, *, backend: str) -> PostgresService:
             _kill_postmaster(datadir)
         shutil.rmtree(workdir, ignore_errors=True)
 
+    def halt() -> None:
+        run(str(bindir / "pg_ctl"), "stop", "-D", str(datadir), "-m", "fast", "-w", "-t", "60", timeout=70)
+
+    def resume() -> None:
+        run(str(bindir / "pg_ctl"), "start", "-D", str(datadir), "-l", str(log_path), "-w", "-t", "60", timeout=90)
+
     run(str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
         "--locale=C", "--no-sync", timeout=120)
     with (datadir / "postgresql.conf").open("a") as conf:  # appending keeps the file's owner
@@ -722,14 +821,15 @@ def _start_cluster(bindir: Path, *, backend: str) -> PostgresService:
             "max_connections = 200\n"
         )
     try:
-        run(str(bindir / "pg_ctl"), "start", "-D", str(datadir), "-l", str(log_path), "-w", "-t", "60", timeout=90)
+        resume()
         dsn = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
         with psycopg.connect(_libpq_conninfo(dsn), connect_timeout=10):
             pass
     except BaseException:
         _kill_postmaster(datadir)  # workdir stays: it holds the log the error names
         raise
-    return PostgresService(backend=backend, dsn=dsn, detail=f"data in {datadir}", stop_fn=stop)
+    return RestartablePostgres(backend=backend, dsn=dsn, detail=f"data in {datadir}", stop_fn=stop, halt_fn=halt,
+                               resume_fn=resume)
 
 
 def _kill_postmaster(datadir: Path) -> None:
