@@ -42,6 +42,7 @@ from streamer.daemon import Daemon
 from streamer.dlq import replay_dead_letters
 from streamer.kafka_io import ensure_topics
 from streamer.packets import packet_from_file
+from streamer.checkpoint import load_checkpoint
 from streamer.readers import read_spectrum
 from tests import services
 from tests.netproxy import TcpProxy
@@ -49,7 +50,7 @@ from tests.netproxy import TcpProxy
 pytestmark = pytest.mark.integration
 
 SPECTRA = sorted((Path(__file__).parent / "data" / "spectra").glob("*.txt"))
-MODEL = ("spectranet-sedm", "0.0.1")  # the shipped model
+MODEL = ("spectranet-sedm", load_checkpoint().version)  # the shipped model
 SESSION_TIMEOUT_MS = 6000
 CODEC = Codec("spectrum_packet")
 
@@ -699,7 +700,7 @@ def test_views_answer_latest_per_object_and_class_changes_between_models(setup: 
     assert {r.object_id for r in latest} == objects
 
     # A second model (another seed, another version) classifies the same packets in its own group.
-    second = export_untrained(tmp_path, seed=1, version="0.0.2")
+    second = export_untrained(tmp_path, seed=1, version="9.0.0")  # sorts after the shipped version
     settings = setup.settings(group=f"{setup.group}-b", model_path=tmp_path / f"{second.name}-{second.version}")
     stats = build_daemon(settings, serve_metrics=False).run(max_messages=len(packets), idle_timeout_s=60)
     assert stats.classified == len(packets)
@@ -707,12 +708,12 @@ def test_views_answer_latest_per_object_and_class_changes_between_models(setup: 
     rows = results.query("SELECT spectrum_id, object_id, model_version, top_class FROM classifications")
     assert len(rows) == 2 * len(packets)
     top = {(r.spectrum_id, r.model_version): (r.object_id, r.top_class) for r in rows}
-    changed = {(top[(p.spectrum_id, "0.0.1")][0], p.spectrum_id) for p in packets
-               if top[(p.spectrum_id, "0.0.1")][1] != top[(p.spectrum_id, "0.0.2")][1]}
+    changed = {(top[(p.spectrum_id, MODEL[1])][0], p.spectrum_id) for p in packets
+               if top[(p.spectrum_id, MODEL[1])][1] != top[(p.spectrum_id, second.version)][1]}
     listed = results.query("SELECT object_id, spectrum_id, version_a, version_b FROM class_changes_between_models")
     assert {(r.object_id, r.spectrum_id) for r in listed} == changed and len(listed) == len(changed)
-    assert all((r.version_a, r.version_b) == ("0.0.1", "0.0.2") for r in listed)
-    print(f"\n{len(changed)} of {len(packets)} spectra change class between the two untrained models")
+    assert all((r.version_a, r.version_b) == (MODEL[1], second.version) for r in listed)
+    print(f"\n{len(changed)} of {len(packets)} spectra change class between the shipped model and an untrained one")
 
     latest = results.query("SELECT object_id FROM latest_classification_per_object")
     assert len(latest) == len({r.object_id for r in latest}) == len(objects)

@@ -163,8 +163,8 @@ def test_reprocess_with_another_model_keeps_earlier_rows(engine, tmp_path: Path)
     daemon.classifier.store_raw_packets = True
     daemon.run(max_messages=len(msgs))
 
-    other = export_untrained(tmp_path / "models", seed=1, version="0.0.2")
-    second = SpectrumClassifier(InferenceEngine(load_checkpoint(tmp_path / "models" / "spectranet-sedm-0.0.2"),
+    other = export_untrained(tmp_path / "models", seed=1, version="9.0.0")  # sorts after the shipped one
+    second = SpectrumClassifier(InferenceEngine(load_checkpoint(tmp_path / "models" / "spectranet-sedm-9.0.0"),
                                                 device="cpu", warmup=False), codec=Codec("spectrum_packet"))
     assert reprocess(database, second) == (len(good), 0)
     assert reprocess(database, second) == (len(good), 0)  # idempotent: same rows again, nothing new
@@ -174,6 +174,7 @@ def test_reprocess_with_another_model_keeps_earlier_rows(engine, tmp_path: Path)
         changed = conn.execute(sa.text("SELECT count(*) FROM class_changes_between_models")).scalar_one()
         top = dict(conn.execute(sa.text(
             "SELECT spectrum_id || model_version, top_class FROM classifications")).all())
-    assert [tuple(v) for v in versions] == [("0.0.1", len(good)), (other.version, len(good))]
-    expected_changes = sum(top[p["spectrum_id"] + "0.0.1"] != top[p["spectrum_id"] + "0.0.2"] for p in good)
+    shipped = engine.checkpoint.version
+    assert [tuple(v) for v in versions] == [(shipped, len(good)), (other.version, len(good))]
+    expected_changes = sum(top[p["spectrum_id"] + shipped] != top[p["spectrum_id"] + other.version] for p in good)
     assert changed == expected_changes

@@ -9,3 +9,36 @@ __all__ = ["add_subcommands"]
 
 def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the training subcommands to the ``spectranet`` parser (imports stay lazy: the daemon never loads them)."""
+    p = sub.add_parser("train", help="train SpectraNet on simulated SEDM spectra (training/configs/*.yaml)")
+    p.add_argument("--config", required=True, help="YAML training config, e.g. training/configs/default.yaml")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics and figures of a model against the template-matching baseline")
+    p.add_argument("--model", default=None, help="checkpoint path (default: the shipped model)")
+    p.add_argument("--manifest", default=None,
+                   help="CSV of your own spectra (path, type, redshift[, phase]); default: the validation split "
+                        "of the shared data, simulated at SEDM resolution")
+    p.add_argument("--data-manifest", default="../shared/data/manifest.csv",
+                   help="the shared-data manifest (validation split and the baseline's templates)")
+    p.add_argument("--out", default="runs/evaluate", help="folder for metrics.json and the PNG figures")
+    p.add_argument("--no-baseline", action="store_true", help="skip the cross-correlation template baseline")
+    p.add_argument("--max-templates", type=int, default=600, help="baseline templates (seeded subsample)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.train import TrainConfig, train
+
+    train(TrainConfig.from_yaml(args.config))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from training.evaluate import evaluate
+
+    report = evaluate(model=args.model, manifest=args.manifest, data_manifest=args.data_manifest, out_dir=args.out,
+                      baseline=not args.no_baseline, max_templates=args.max_templates)
+    print(json.dumps(report["summary"], indent=2))
+    return 0

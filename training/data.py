@@ -161,9 +161,9 @@ def _median_one(wave: np.ndarray, flux: np.ndarray) -> tuple[np.ndarray, np.ndar
     wave, flux = wave[ok], flux[ok]
     order = np.argsort(wave)
     wave, flux = wave[order], flux[order]
-    scale = np.median(np.abs(flux)) if flux.size else 0.0
+    scale = np.median(flux) if flux.size else 0.0
     if flux.size < 20 or not (scale > 0):
-        return None
+        return None  # a spectrum whose median flux is not positive is junk (or background-subtracted noise)
     return wave, flux / scale
 
 

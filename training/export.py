@@ -1,22 +1,26 @@
-"""Export a checkpoint that streamer loads; ``python -m training.export --untrained`` writes the placeholder model.
+"""Export a checkpoint that streamer loads into the package (``streamer/models``).
 
-The placeholder has the real architecture and preprocessing with seeded random weights, so the whole pipeline
-runs before a trained model exists. Its card says ``"trained": false`` and its predictions mean nothing.
+``python -m training.export --from runs/default/spectranet-sedm-0.1.0 [--evaluation runs/eval/metrics.json]`` ships a
+trained run's checkpoint, optionally recording the evaluation summary (SpectraNet vs the baseline) in its card.
+``python -m training.export --untrained`` writes the placeholder model: the real architecture and preprocessing
+with seeded random weights, so that the whole pipeline runs before a trained model exists; its card says
+``"trained": false`` and its predictions mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
-from streamer.checkpoint import Checkpoint, save_checkpoint
+from streamer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamer.model import PRESETS, SpectraNet
 from streamer.preprocess import Grid, PreprocessConfig
 from streamer.taxonomy import CLASSES, TAXONOMY_VERSION
 
-__all__ = ["export_untrained"]
+__all__ = ["export_untrained", "export_trained"]
 
 
 def export_untrained(out_dir: Path, *, preset: str = "default", seed: int = 0, version: str = "0.0.1") -> Checkpoint:
@@ -32,14 +36,40 @@ def export_untrained(out_dir: Path, *, preset: str = "default", seed: int = 0, v
                                   "note": "untrained placeholder: real architecture, random weights"})
 
 
+def export_trained(run_checkpoint: Path, out_dir: Path, *, evaluation: Path | None = None) -> Checkpoint:
+    """Re-save a verified run checkpoint into ``out_dir`` with the evaluation summary added to its card."""
+    ckpt = load_checkpoint(run_checkpoint)
+    extra = dict(ckpt.extra)
+    if evaluation is not None:
+        report = json.loads(Path(evaluation).read_text())
+        extra["evaluation"] = {"summary": report["summary"], "baseline": report.get("baseline"),
+                               "sets": {name: {"n": s["n"], "model": _short(s["model"]),
+                                               **({"baseline": _short(s["baseline"])} if "baseline" in s else {})}
+                                        for name, s in report["sets"].items()}}
+    return save_checkpoint(ckpt.build_model(), out_dir / f"{ckpt.name}-{ckpt.version}", name=ckpt.name,
+                           version=ckpt.version, taxonomy=ckpt.taxonomy, preprocess=ckpt.preprocess,
+                           temperature=ckpt.temperature, extra=extra)
+
+
+def _short(report: dict) -> dict:
+    keep = ("accuracy", "macro_f1", "ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy", "redshift", "per_class")
+    return {k: report[k] for k in keep if k in report}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--untrained", action="store_true", required=True)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--untrained", action="store_true")
+    what.add_argument("--from", dest="source", type=Path, help="a trained run's checkpoint (path without suffix)")
+    ap.add_argument("--evaluation", type=Path, help="metrics.json from spectranet evaluate, recorded in the card")
     ap.add_argument("--out", type=Path, default=Path("streamer/models"))
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    ckpt = export_untrained(args.out, preset=args.preset, seed=args.seed)
+    if args.untrained:
+        ckpt = export_untrained(args.out, preset=args.preset, seed=args.seed)
+    else:
+        ckpt = export_trained(args.source, args.out, evaluation=args.evaluation)
     print(f"wrote {args.out}/{ckpt.name}-{ckpt.version}.safetensors sha256={ckpt.weights_sha256}")
 
 

@@ -180,4 +180,4 @@ def simulate_input(spec: Spectrum, galaxies: Sequence[tuple[np.ndarray, np.ndarr
     sim = simulate_sedm(spec, galaxies, rng, fallback, z=z)
     if sim is None:
         raise PreprocessError(f"{spec.path} epoch {spec.epoch}: cannot be simulated on SEDM pixels", field="wavelength")
-    return to_model_input(sim.wave, sim.flux, sim.flux_err, preprocess), sim.z
+    return to_model_input(sim.wave, sim.flux, sim.flux_err, preprocess), sim.z  # may raise PreprocessError too

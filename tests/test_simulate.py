@@ -1,0 +1,67 @@
+"""SEDM simulation: shapes, finiteness, seeded reproducibility, and the SEDM wavelength range."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.preprocess import PreprocessConfig
+from training.data import Spectrum
+from training.simulate import SEDM_DEFAULT, apply_lsf, sedm_pixels, simulate_input, simulate_sedm
+
+
+def _template(label: str = "Ia", redshift: float = 0.0) -> Spectrum:
+    wave = np.arange(2500.0, 9800.0, 2.0)
+    flux = 1.0 + 0.3 * np.sin(wave / 300.0) - 0.5 * np.exp(-0.5 * ((wave - 6150.0) / 60.0) ** 2)
+    return Spectrum(wave=wave, flux=flux, label=label, object_id="sn-test", source="test", redshift=redshift,
+                    phase=0.0, path="test.txt")
+
+
+def _galaxy() -> tuple[np.ndarray, np.ndarray]:
+    wave = np.arange(1500.0, 12000.0, 5.0)
+    return wave, 1.0 + 2.0 * np.exp(-0.5 * ((wave - 6563.0) / 5.0) ** 2)
+
+
+def test_simulated_spectrum_is_on_sedm_pixels():
+    for seed in range(20):
+        sim = simulate_sedm(_template(), [_galaxy()], np.random.default_rng(seed))
+        assert sim is not None
+        step = np.diff(sim.wave)
+        assert np.allclose(step, step[0]) and abs(step[0] - 25.6) <= 25.6 * 0.021
+        assert sim.wave[0] >= 3777.0 - 40.0 - 1e-9 and sim.wave[-1] <= 3777.0 + 40.0 + 213 * 25.6 * 1.021
+        assert SEDM_DEFAULT.min_pixels <= sim.wave.size <= 214
+        assert np.all(np.isfinite(sim.flux)) and np.all(sim.flux_err > 0)
+        assert SEDM_DEFAULT.z_min <= sim.z <= SEDM_DEFAULT.z_upper("Ia")
+
+
+def test_simulate_input_shapes_finite_and_seeded():
+    pre = PreprocessConfig(normalisation="continuum")
+    x1, z1 = simulate_input(_template(), [_galaxy()], np.random.default_rng([1, 2, 3]), pre)
+    x2, z2 = simulate_input(_template(), [_galaxy()], np.random.default_rng([1, 2, 3]), pre)
+    x3, _ = simulate_input(_template(), [_galaxy()], np.random.default_rng([1, 2, 4]), pre)
+    assert x1.shape == (2, pre.grid.n_bins) and x1.dtype == np.float32
+    assert np.all(np.isfinite(x1))
+    assert np.array_equal(x1, x2) and z1 == z2
+    assert not np.array_equal(x1, x3)
+    covered = np.flatnonzero(x1[1] > 0)
+    centers = pre.grid.centers()
+    # never covers more than SEDM reaches: ~3737-9290 A (start jitter +-40 A, step jitter 2%)
+    assert centers[covered[0]] > 3700.0 and centers[covered[-1]] < 9400.0
+    assert np.all(x1[0][x1[1] == 0] == 0)
+
+
+def test_slsn_reaches_higher_redshift_and_lsf_broadens():
+    zs = [simulate_sedm(_template("SLSN-I"), [], np.random.default_rng(s)).z for s in range(60)]
+    assert max(zs) > 0.3
+    wave = np.arange(4000.0, 8000.0, 1.0)
+    line = np.exp(-0.5 * ((wave - 6000.0) / 8.0) ** 2)  # FWHM 18.8 A, resolved by the LSF's ~8.5 A sampling
+    fine, broad = apply_lsf(wave, line, 100.0)
+    half = fine[broad >= broad.max() / 2]
+    expected = np.hypot(6000.0 / 100.0, 8.0 * 2.3548)  # FWHMs add in quadrature; LSF FWHM = 6000 A / R
+    assert half[-1] - half[0] == pytest.approx(expected, abs=9.0)  # one sampling step
+
+
+def test_sedm_pixels_truncation_is_bounded():
+    rng = np.random.default_rng(0)
+    sizes = [sedm_pixels(rng, SEDM_DEFAULT).size for _ in range(200)]
+    assert min(sizes) >= 214 - 2 * SEDM_DEFAULT.truncate_max and max(sizes) == 214

@@ -1,0 +1,156 @@
+"""Training package, pure parts: losses, schedule, metrics, split, readers of the template formats."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.taxonomy import CLASSES
+from training import metrics as M
+from training.data import Spectrum, canonical_object, read_flux_err, read_lnw, split_by_object
+from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+
+def test_focal_loss_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    target = torch.tensor([0, 2])
+    p = torch.softmax(logits, dim=1)
+    p0, p1 = p[0, 0].item(), p[1, 2].item()
+    by_hand = (-(1 - p0) ** 2 * math.log(p0) - (1 - p1) ** 2 * math.log(p1)) / 2
+    assert focal_loss(logits, target, gamma=2.0).item() == pytest.approx(by_hand, rel=1e-6)
+    w = torch.tensor([1.0, 1.0, 3.0])
+    weighted = (-(1 - p0) ** 2 * math.log(p0) - 3 * (1 - p1) ** 2 * math.log(p1)) / 2
+    assert focal_loss(logits, target, w, gamma=2.0).item() == pytest.approx(weighted, rel=1e-6)
+    # gamma 0 is cross-entropy
+    ce = torch.nn.functional.cross_entropy(logits, target).item()
+    assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_class_balanced_weights_follow_effective_numbers():
+    beta = 0.9999
+    w = class_balanced_weights([1000, 10, 0], beta)
+    eff = [(1 - beta**n) / (1 - beta) for n in (1000, 10)]
+    assert w[2].item() == 0.0
+    assert (w[1] / w[0]).item() == pytest.approx(eff[0] / eff[1], rel=1e-5)
+    assert w.sum().item() == pytest.approx(3.0, rel=1e-5)
+
+
+def test_gaussian_nll_and_schedule():
+    mean, logvar, z = torch.tensor([0.1]), torch.tensor([math.log(0.04)]), torch.tensor([0.3])
+    plain = 0.5 * (math.log(0.04) + 0.04 / 0.04)
+    assert gaussian_nll(mean, logvar, z, beta=0.0).item() == pytest.approx(plain, rel=1e-6)
+    assert gaussian_nll(mean, logvar, z).item() == pytest.approx(0.2 * plain, rel=1e-6)  # beta-NLL: x sigma
+    lrs = [lr_at(s, base_lr=1.0, warmup_steps=10, max_steps=110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[110] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+# ----------------------------------------------------------------------------------------------------------- metrics
+
+def test_confusion_prf_macro_f1_hand_case():
+    y = np.array([0, 0, 1, 1, 2])
+    p = np.array([0, 1, 1, 1, 0])
+    cm = M.confusion_matrix(y, p, 4)
+    assert cm.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    precision, recall, f1, support = M.per_class_prf(cm)
+    assert precision[:3].tolist() == pytest.approx([0.5, 2 / 3, 0.0])
+    assert recall[:3].tolist() == pytest.approx([0.5, 1.0, 0.0])
+    assert f1[1] == pytest.approx(0.8)
+    # class 3 is absent from the truth: not scored
+    assert M.macro_f1(cm) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_group_accuracies():
+    ia = CLASSES.index("Ia")
+    assert M.ia_accuracy(np.array([ia, ia, 1, 2]), np.array([ia, 3, 1, ia]), ia) == pytest.approx(0.5)
+    y = np.array([CLASSES.index("II"), CLASSES.index("Ic"), CLASSES.index("Ia")])
+    probs = np.zeros((3, len(CLASSES)))
+    probs[0, CLASSES.index("IIb")] = 0.6  # H-rich
+    probs[0, CLASSES.index("Ib")] = 0.4
+    probs[1, CLASSES.index("IIn")] = 0.5  # wrong group
+    probs[1, CLASSES.index("Ib")] = 0.3
+    probs[2, CLASSES.index("Ia")] = 1.0   # not scored in this decision
+    acc, n = M.h_rich_poor_accuracy(y, probs, CLASSES)
+    assert (acc, n) == (pytest.approx(0.5), 2)
+
+
+def test_redshift_stats_hand_case():
+    zt = np.array([0.0, 0.1, 0.2, 0.5])
+    zp = np.array([0.0, 0.1 + 0.011, 0.2 - 0.012, 0.5 + 0.3])
+    s = M.redshift_stats(zp, zt)
+    dz = (zp - zt) / (1 + zt)
+    assert s["rms"] == pytest.approx(float(np.sqrt(np.mean(dz**2))))
+    assert s["outlier_fraction"] == pytest.approx(0.25)
+    assert s["nmad"] == pytest.approx(1.4826 * np.median(np.abs(dz - np.median(dz))))
+
+
+def test_ece_and_temperature():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = np.array([0, 1, 0, 0])
+    # bins: 0.9 (acc 0.5), 0.6 (acc 1.0) -> ECE = 0.5 * 0.4 + 0.5 * 0.4
+    assert M.expected_calibration_error(probs, y, n_bins=10) == pytest.approx(0.4)
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, (4000, 4))
+    y = np.array([rng.choice(4, p=p) for p in M.softmax(true_logits)])
+    t = M.fit_temperature(true_logits * 3.0, y)  # over-confident by 3x
+    assert t == pytest.approx(3.0, rel=0.1)
+
+
+def test_precision_recall_curve():
+    precision, recall, ap = M.precision_recall_curve(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]))
+    assert precision.tolist() == pytest.approx([1.0, 0.5, 2 / 3, 0.5])
+    assert recall.tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert ap == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+
+
+# -------------------------------------------------------------------------------------------------------- data/split
+
+def _spec(obj: str, label: str) -> Spectrum:
+    w = np.linspace(3000, 9000, 100)
+    return Spectrum(wave=w, flux=np.ones_like(w), label=label, object_id=obj, source="t", redshift=0.0, phase=None,
+                    path=f"{obj}.txt")
+
+
+def test_split_is_object_disjoint_stratified_and_seeded():
+    spectra = [_spec(f"{cls}-{i}", cls) for cls, n in (("Ia", 40), ("II", 10), ("TDE", 3)) for i in range(n)
+               for _ in range(3)]  # three spectra per object
+    split = split_by_object(spectra, val_fraction=0.2, seed=7)
+    train_objs = {s.object_id for s in split.train}
+    val_objs = {s.object_id for s in split.val}
+    assert not train_objs & val_objs
+    assert len(split.train) + len(split.val) == len(spectra)
+    per_class = {c: len({s.object_id for s in split.val if s.label == c}) for c in ("Ia", "II", "TDE")}
+    assert per_class == {"Ia": 8, "II": 2, "TDE": 1}  # 20% rounded, at least one
+    again = split_by_object(spectra, val_fraction=0.2, seed=7)
+    assert again.val_objects == split.val_objects
+    assert split_by_object(spectra, val_fraction=0.2, seed=8).val_objects != split.val_objects
+
+
+def test_canonical_object_names_meet_across_sources():
+    assert canonical_object("SN 2011fe") == canonical_object("sn2011fe") == canonical_object("2011fe")
+    assert canonical_object("PTF10bzf") == "ptf10bzf"
+
+
+def test_variance_column_is_square_rooted():
+    flux = np.full(10, 2e-15)
+    assert read_flux_err(flux, np.full(10, 4e-32)) == pytest.approx(np.full(10, 2e-16))
+    assert read_flux_err(flux, np.full(10, 1e-16)) == pytest.approx(np.full(10, 1e-16))
+
+
+def test_read_lnw(tmp_path):
+    rows = "\n".join(f"{3000 + 10 * i:8.2f} {0.0 if i < 3 else 0.1:8.3f} {0.2:8.3f}" for i in range(6))
+    text = ("    2    6   3000.00  3050.00      2     SN1999x   -9.99  Ia-norm   1  1\n"
+            "  2  2  0.1  2  0.1\n  1 3.1 0.0 3.1 0.0\n  2 3.2 0.0 3.2 0.0\n"
+            "     0   -5.0   10.0\n" + rows + "\n")
+    path = tmp_path / "t.lnw"
+    path.write_text(text)
+    wave, flux, phases, sn_type = read_lnw(path)
+    assert wave.shape == (6,) and flux.shape == (2, 6)
+    assert phases.tolist() == [-5.0, 10.0] and sn_type == "Ia-norm"
+    assert flux[0, :3].tolist() == [0, 0, 0] and flux[1, 0] == pytest.approx(0.2)
