@@ -226,7 +226,7 @@ class Blocks:
 
 def _latency_stats(recs: list[dict[str, float]]) -> dict[str, float]:
     """Latency percentiles, and the median of its three parts: waiting in Kafka and for the micro-batch to close
-    (produced_at -> consumed_at), decode + prepare (-> classified_at, which the daemon stamps *before* inference),
+    (produced_at -> consumed_at), decode + prepare + infer (-> classified_at, stamped after inference),
     inference + annotate + write + publish + arrival (-> arrived)."""
     lat = [r["arrived"] - r["produced_at"] for r in recs]
     parts = {"wait_p50_s": [r["consumed_at"] - r["produced_at"] for r in recs],

@@ -116,6 +116,22 @@ def _la(x: list[float]) -> str:
     return " / ".join(f"{v:.2f}" for v in x)
 
 
+def _pipeline_section(r: dict) -> str:
+    rows = "\n".join(f"| {x['mode']} | {x['packets_per_s']} | {x['seconds']} | {r['speedup_vs_skeleton'][x['mode']]}x |"
+                     for x in r["results"])
+    return (
+        "## Before and after the optimisations (bench/bench_pipeline.py)\n\n"
+        f"One run, {r['date']}, commit `{r['commit']}`, load average at the end {r['load_average_at_end'][0]:.2f}; "
+        f"{r['results'][0]['packets']:,} real packets pre-published to 3 partitions of {r['kafka']}, {r['postgres']}, "
+        f"batches of {r['results'][0]['batch']}, torch's default threads.\n\n"
+        "| daemon loop | spectra/s | seconds | vs skeleton |\n|---|---:|---:|---:|\n" + rows + "\n\n"
+        "*skeleton*: one thread, each batch written and published before the next is polled, the model run on the whole "
+        "batch; *pipelined*: a delivery thread writes and publishes batch N while batch N+1 is polled and classified; "
+        "*cpu chunks of 16*: the engine runs the model 16 spectra at a time on CPU (CPU time per spectrum 5.5 ms at "
+        "16-32 vs 9.6 ms at 256 on one thread).\n"
+    )
+
+
 def render() -> str:
     model, stages, e2e, naive, scale = (_read(n) for n in ("model", "stages", "e2e", "naive", "scaling"))
     m = model["machine"]
@@ -220,13 +236,16 @@ def render() -> str:
     add("")
     add("Latency is the arrival on the output topic (broker `LogAppendTime`) minus the packet's `produced_at` (stamped "
         "when the bench producer hands the packet over). Its parts, from the annotation's timing fields: *wait* = "
-        "produced_at -> consumed_at (in Kafka, and for the micro-batch to fill or `batch.max_wait_s` = 1 s to pass), "
-        "*decode + prepare* = consumed_at -> classified_at (the daemon stamps `classified_at` *before* inference), "
+        "produced_at -> consumed_at (in Kafka, and for the micro-batch to fill or `batch.max_wait_s` (0.25 s by default) to pass), "
+        "*decode + prepare + infer* = consumed_at -> classified_at (stamped after inference), "
         "*infer + deliver* = classified_at -> arrival (inference of the batch, annotation, database transaction, "
         "produce, flush). Duplicates seen on the output topic: "
         f"{e2e['duplicates']}; daemon exit code {e2e['daemon_exit_code']}.")
     add("")
 
+    pipeline = RESULTS / "pipeline.json"
+    if pipeline.exists():  # written by bench/bench_pipeline.py (run separately: it starts its own services)
+        add(_pipeline_section(json.loads(pipeline.read_text())))
     add("## Naive consumer (bench/naive_consumer.py) vs the daemon")
     add("")
     add("| consumer | spectra/s | load avg |")
@@ -300,12 +319,12 @@ def render() -> str:
             f"{best_b['batch']} ({100 * tp[64]['spectra_per_s'] / best_b['spectra_per_s']:.0f} %); batches of "
             f"128 and 256 are slower still ({tp.get(128, {}).get('spectra_per_s', float('nan')):,.1f} and "
             f"{tp.get(256, {}).get('spectra_per_s', float('nan')):,.1f}). The daemon hands the engine whole "
-            "micro-batches of up to 64.")
+            "micro-batches of up to 64, which it runs in chunks of `model.cpu_batch_size` (16) on CPU.")
     l10 = next(r for r in e2e["latency"] if r["target_per_s"] == 10)
     add(f"3. **Latency at low rates is the batching window.** At 10/s the median packet waits "
-        f"{l10['wait_p50_s']:.2f} s of its {l10['p50_s']:.2f} s for the micro-batch to close (`batch.max_wait_s` = "
-        f"1 s, 64 packets never arrive within it); at 50/s the wait is {lat50['wait_p50_s']:.2f} s and inference "
-        f"+ delivery {lat50['infer_deliver_p50_s']:.2f} s of a {lat50['p50_s']:.2f} s median.")
+        f"{l10['wait_p50_s']:.2f} s of its {l10['p50_s']:.2f} s for the micro-batch to close (`batch.max_wait_s`, "
+        f"0.25 s by default: 64 packets never arrive within it); at 50/s the wait is {lat50['wait_p50_s']:.2f} s and "
+        f"delivery {lat50['infer_deliver_p50_s']:.2f} s of a {lat50['p50_s']:.2f} s median.")
     naive_us = 1e6 / naive["spectra_per_s"]
     add(f"4. **Why the naive consumer is only {naive['daemon_multiple']}x slower:** it spends {naive_us:,.0f} µs per "
         f"spectrum; inference alone is {inf1:,.0f} µs of that at batch 1 ({inf64:,.0f} µs at batch 64), and every "
