@@ -22,12 +22,14 @@ __all__ = ["StoredMessage", "reprocess"]
 
 @dataclass(frozen=True)
 class StoredMessage:
-    """A stored packet dressed as a Kafka message, keeping its original source coordinates."""
+    """A packet held in memory dressed as a Kafka message (stored packets here; the unit tests' fake consumer)."""
 
     _topic: str
     _partition: int
     _offset: int
-    _value: bytes
+    _value: bytes | None
+    _key: bytes | None = None
+    _headers: list[tuple[str, bytes]] | None = None
 
     def topic(self) -> str:
         return self._topic
@@ -39,13 +41,13 @@ class StoredMessage:
         return self._offset
 
     def key(self) -> bytes | None:
-        return None
+        return self._key
 
-    def value(self) -> bytes:
+    def value(self) -> bytes | None:
         return self._value
 
-    def headers(self) -> list[tuple[str, bytes]]:
-        return []
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
 
     def error(self) -> KafkaError | None:
         return None

@@ -12,36 +12,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
 
+from streamer.reprocess import StoredMessage
 
-@dataclass
-class FakeMessage:
-    _topic: str
-    _partition: int
-    _offset: int
-    _value: bytes | None
-    _key: bytes | None = None
-    _headers: list[tuple[str, bytes]] | None = None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def headers(self) -> list[tuple[str, bytes]] | None:
-        return self._headers
-
-    def error(self) -> KafkaError | None:
-        return None
+FakeMessage = StoredMessage  # the same in-memory message the reprocess command uses
 
 
 @dataclass

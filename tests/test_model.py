@@ -243,5 +243,5 @@ def test_count_flops_matches_a_count_by_hand(models, name):
 
 
 def test_paper_preset_flops_are_two_orders_above_the_default():
-    # analytic count only: counting by running the paper preset is done by bench/bench_inference.py
+    # analytic count only: counting by running the paper preset is done by bench/bench_model.py (BENCHMARKS.md)
     assert _expected_flops(PRESETS["paper"]) > 50 * _expected_flops(PRESETS["default"])
