@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -390,6 +392,11 @@ def main() -> None:
     args = ap.parse_args()
     if not args.render_only:
         run(args)
+        # The before/after and threads-vs-processes comparisons start their own services and models.
+        n = ["--packets", "300"] if args.quick else []
+        subprocess.run([sys.executable, str(ROOT / "bench/bench_pipeline.py"), *n], check=True)
+        subprocess.run([sys.executable, str(ROOT / "bench/bench_overlap.py"),
+                        *(["--batches", "4"] if args.quick else [])], check=True)
     text = render()
     (ROOT / "BENCHMARKS.md").write_text(text)
     print(text)
