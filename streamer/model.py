@@ -2,8 +2,9 @@
 
 Each of five stages runs three same-padded convolutions with different kernel sizes in parallel (narrow lines and
 broad P-Cygni features at once), concatenates them, normalises channel-wise (LayerNorm over channels at each
-wavelength), applies GELU and mixes back to the stage width with a 1x1 convolution. Stages are separated by
-max-pooling, or by "multi-scale pooling" (max, average and min concatenated; the reference's earlier variant).
+wavelength; BatchNorm as an ablation), applies GELU and mixes back to the stage width with a 1x1 convolution.
+Stages are separated by max-pooling, or by "multi-scale pooling" (max, average and min concatenated; the
+reference's earlier variant).
 Global average+max pooling feeds an MLP trunk with two heads: class logits over the taxonomy and a Gaussian
 redshift (mean and log-variance, trained with Gaussian NLL).
 
@@ -29,6 +30,7 @@ class ModelConfig:
     widths: tuple[int, ...] = (24, 48, 96, 160, 256)     # stage widths
     kernels: tuple[tuple[int, int, int], ...] = ((63, 31, 15), (31, 15, 7), (15, 9, 5), (9, 5, 3), (5, 3, 1))
     pooling: Literal["max", "multiscale"] = "max"
+    norm: Literal["layer", "batch"] = "layer"            # channel-wise LayerNorm (the paper) or BatchNorm
     hidden: int = 256                                    # MLP trunk width
     dropout: float = 0.2
     n_classes: int = 9
@@ -41,6 +43,8 @@ class ModelConfig:
             raise ValueError("kernel sizes must be odd so 'same' padding is symmetric")
         if self.pooling not in ("max", "multiscale"):
             raise ValueError(f"pooling must be 'max' or 'multiscale', got {self.pooling!r}")
+        if self.norm not in ("layer", "batch"):
+            raise ValueError(f"norm must be 'layer' or 'batch', got {self.norm!r}")
         if self.n_bins % (2 ** (len(self.widths) - 1)) != 0:
             raise ValueError(f"n_bins={self.n_bins} must be divisible by 2**(stages-1) for the pooling")
 
@@ -83,10 +87,11 @@ class ChannelLayerNorm(nn.Module):
 class MultiScaleBlock(nn.Module):
     """Three parallel convolutions of different reach, concatenated, normalised, mixed back to ``width``."""
 
-    def __init__(self, in_ch: int, width: int, kernels: tuple[int, int, int]) -> None:
+    def __init__(self, in_ch: int, width: int, kernels: tuple[int, int, int], norm: str = "layer") -> None:
         super().__init__()
         self.branches = nn.ModuleList(nn.Conv1d(in_ch, width, k, padding=k // 2) for k in kernels)
-        self.norm = ChannelLayerNorm(width * len(kernels))
+        channels = width * len(kernels)
+        self.norm = ChannelLayerNorm(channels) if norm == "layer" else nn.BatchNorm1d(channels)
         self.mix = nn.Conv1d(width * len(kernels), width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +120,7 @@ class SpectraNet(nn.Module):
         pool_factor = 3 if config.pooling == "multiscale" else 1
         stages, in_ch = [], config.in_channels
         for width, kernels in zip(config.widths, config.kernels):
-            stages.append(MultiScaleBlock(in_ch, width, kernels))
+            stages.append(MultiScaleBlock(in_ch, width, kernels, config.norm))
             in_ch = width * pool_factor
         self.stages = nn.ModuleList(stages)
         self.pool: nn.Module = MultiScalePool() if config.pooling == "multiscale" else nn.MaxPool1d(2)

@@ -11,7 +11,14 @@ def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """Add the training subcommands to the ``spectranet`` parser (imports stay lazy: the daemon never loads them)."""
     p = sub.add_parser("train", help="train SpectraNet on simulated SEDM spectra (training/configs/*.yaml)")
     p.add_argument("--config", required=True, help="YAML training config, e.g. training/configs/default.yaml")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. --set max_steps=100")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("pack",
+                       help="save a config's train/validation split as one .npz (spectra_pack) for another host")
+    p.add_argument("--config", required=True, help="YAML training config whose manifest and split to pack")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.set_defaults(func=_cmd_pack)
 
     p = sub.add_parser("evaluate", help="metrics and figures of a model against the template-matching baseline")
     p.add_argument("--model", default=None, help="checkpoint path (default: the shipped model)")
@@ -27,9 +34,19 @@ def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig, parse_overrides, train
 
-    train(TrainConfig.from_yaml(args.config))
+    train(TrainConfig.from_yaml(args.config, **parse_overrides(args.set)))
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from training.data import save_pack
+    from training.train import TrainConfig, load_split
+
+    train, val, galaxies, summary = load_split(TrainConfig.from_yaml(args.config))
+    save_pack(args.out, train=train, val=val, galaxies=galaxies, summary=summary)
+    print(f"{args.out}: {len(train)} train and {len(val)} validation spectra, {len(galaxies)} galaxy templates")
     return 0
 
 

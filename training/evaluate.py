@@ -1,4 +1,5 @@
-"""``spectranet evaluate --model M [--manifest CSV]``: metrics JSON and figures, SpectraNet next to a SNID-style baseline.
+"""``spectranet evaluate --model M [--manifest CSV]``: metrics JSON and figures, SpectraNet beside a SNID-style
+baseline.
 
 Without ``--manifest`` the evaluation set is the object-held-out validation split of the shared data, simulated at
 SEDM resolution with the same fixed seed training used (so these are the numbers early stopping and the temperature

@@ -30,7 +30,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,15 +43,16 @@ from tqdm import tqdm
 
 from streamer.checkpoint import Checkpoint, save_checkpoint
 from streamer.errors import ConfigError, PreprocessError
-from streamer.model import PRESETS, SpectraNet, count_parameters
+from streamer.model import PRESETS, ModelConfig, SpectraNet, count_parameters
 from streamer.preprocess import Grid, PreprocessConfig
 from streamer.taxonomy import CLASSES, TAXONOMY_VERSION
 from training import metrics as M
-from training.data import Spectrum, counts_table, load_galaxies, load_spectra, read_manifest, split_by_object
+from training.data import Spectrum, counts_table, load_galaxies, load_pack, load_spectra, read_manifest, split_by_object
 from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
 from training.simulate import SEDM_DEFAULT, simulate_input
 
-__all__ = ["TrainConfig", "train", "load_split", "simulate_set", "predict", "val_metrics", "main"]
+__all__ = ["TrainConfig", "train", "load_split", "simulate_set", "predict", "val_metrics", "model_config",
+           "schedule_step", "parse_overrides", "ema_update", "main"]
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -60,10 +61,13 @@ __all__ = ["TrainConfig", "train", "load_split", "simulate_set", "predict", "val
 @dataclass(frozen=True)
 class TrainConfig:
     manifest: str = "../shared/data/manifest.csv"
+    spectra_pack: str = ""             # a training.data.save_pack file to read instead of the manifest (GPU hosts)
     out_dir: str = "runs/default"
     name: str = "spectranet-sedm"
     version: str = "0.1.0"
     preset: str = "default"
+    pooling: str = ""                  # "" keeps the preset's; "max" or "multiscale" overrides it (training.ablation)
+    norm: str = ""                     # "" keeps the preset's; "layer" or "batch" overrides it (training.ablation)
     normalisation: str = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0
     split_seed: int = 0
@@ -92,6 +96,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.pooling not in ("", "max", "multiscale"):
+            raise ConfigError(f"pooling must be '', 'max' or 'multiscale', got {self.pooling!r}")
+        if self.norm not in ("", "layer", "batch"):
+            raise ConfigError(f"norm must be '', 'layer' or 'batch', got {self.norm!r}")
         if self.batch_size < 1 or self.max_steps < 1 or self.eval_every < 1:
             raise ConfigError("batch_size, max_steps and eval_every must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
@@ -113,6 +121,11 @@ class TrainConfig:
 
 def load_split(cfg: TrainConfig) -> tuple[list[Spectrum], list[Spectrum], list, dict]:
     """(train, validation, host galaxies, counts summary) exactly as training saw them; evaluation reuses it."""
+    if cfg.spectra_pack:
+        train_spectra, val_spectra, galaxies, summary = load_pack(cfg.spectra_pack)
+        if cfg.max_spectra:
+            raise ConfigError("max_spectra subsamples the manifest, not a spectra_pack")
+        return train_spectra, val_spectra, galaxies, summary
     entries = read_manifest(cfg.manifest)
     spectra, dropped = load_spectra(entries)
     galaxies = load_galaxies(entries)
@@ -204,7 +217,22 @@ def val_metrics(pred: dict[str, np.ndarray], y: np.ndarray, z: np.ndarray, tempe
     return out
 
 
-def _schedule_step(step: int, elapsed_s: float, cfg: TrainConfig) -> int:
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Move the EMA weights towards the model's; buffers (BatchNorm statistics) are copied as they are."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset's architecture, with the config's pooling and norm where it names them."""
+    overrides = {k: v for k, v in (("pooling", cfg.pooling), ("norm", cfg.norm)) if v}
+    return replace(PRESETS[cfg.preset], **overrides)
+
+
+def schedule_step(step: int, elapsed_s: float, cfg: TrainConfig) -> int:
     """The step the LR schedule is at: with a wall-clock budget, the cosine ends when either steps or time run out.
 
     On a shared CPU the speed is unknown in advance; a cosine laid out over ``max_steps`` that the time limit cuts
@@ -235,6 +263,7 @@ def train(cfg: TrainConfig) -> Checkpoint:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cfg.threads)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: pick the fastest kernels once
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
@@ -242,7 +271,7 @@ def train(cfg: TrainConfig) -> Checkpoint:
     main_proc = rank == 0
 
     # data: object-held-out split, SEDM simulation through the inference preprocessing
-    model_cfg = PRESETS[cfg.preset]
+    model_cfg = model_config(cfg)
     preprocess = PreprocessConfig(grid=Grid(3500.0, 10000.0, model_cfg.n_bins), normalisation=cfg.normalisation)
     train_spectra, val_spectra, galaxies, summary = load_split(cfg)
     if main_proc:
@@ -259,7 +288,7 @@ def train(cfg: TrainConfig) -> Checkpoint:
     for p in ema.parameters():
         p.requires_grad_(False)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)  # no weight decay on biases and norms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
@@ -280,7 +309,8 @@ def train(cfg: TrainConfig) -> Checkpoint:
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_keys(len(dataset), cfg.batch_size, cfg.seed, step, rank, world),
-        num_workers=cfg.num_workers, worker_init_fn=lambda _: torch.set_num_threads(1))
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        worker_init_fn=lambda _: torch.set_num_threads(1))
     batches = iter(loader)
 
     # loop
@@ -290,12 +320,12 @@ def train(cfg: TrainConfig) -> Checkpoint:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main_proc, dynamic_ncols=True)
     last_f1, stop, skipped = float("nan"), step >= cfg.max_steps, 0
     while not stop:
-        lr = lr_at(_schedule_step(step, time.time() - t_start, cfg), base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+        lr = lr_at(schedule_step(step, time.time() - t_start, cfg), base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                    max_steps=cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y, z = next(batches)                      # x: [B, 2, n_bins], y: [B], z: [B]
-        x, y, z = x.to(device), y.to(device), z.to(device, torch.float32)
+        x, y, z = x.to(device, non_blocking=True), y.to(device), z.to(device, torch.float32)
         train_model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = train_model(x)
@@ -307,9 +337,7 @@ def train(cfg: TrainConfig) -> Checkpoint:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if torch.isfinite(loss) and torch.isfinite(grad_norm):
             optimizer.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+            ema_update(ema, model, cfg.ema_decay)
         else:  # one non-finite batch must not poison the weights: skip it, and count it
             skipped += 1
         step += 1
@@ -373,11 +401,23 @@ def train(cfg: TrainConfig) -> Checkpoint:
     return ckpt  # type: ignore[return-value]
 
 
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` (values in YAML syntax) to a dict, for ``--set`` on the command line."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train SpectraNet on simulated SEDM spectra.")
     ap.add_argument("--config", required=True, type=Path)
+    ap.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. --set max_steps=100")
     args = ap.parse_args(argv)
-    train(TrainConfig.from_yaml(args.config))
+    train(TrainConfig.from_yaml(args.config, **parse_overrides(args.set)))
     return 0
 
 
