@@ -13,14 +13,16 @@ Presets are data (``PRESETS``); a checkpoint stores the ``ModelConfig`` that bui
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "PRESETS", "DEFAULT_PRESET", "SpectraNet", "ModelOutput", "count_parameters", "count_flops"]
+__all__ = ["ModelConfig", "PRESETS", "DEFAULT_PRESET", "SpectraNet", "ModelOutput", "rest_frame_view",
+           "count_parameters", "count_flops"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class ModelConfig:
     hidden: int = 256                                    # MLP trunk width
     dropout: float = 0.2
     n_classes: int = 9
+    # The paper's two networks: this one predicts z from the observed frame and hands a rest-frame view of the input
+    # (shifted on the log grid by its own z, or by the true z in training) to a classifier network of rest_bins bins.
+    two_networks: bool = False
+    log_step: float = 0.0                                # ln-wavelength step of the input grid (two_networks)
+    rest_bins: int = 0                                   # rest-frame grid length, ending where the input's ends
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.kernels):
@@ -47,6 +54,16 @@ class ModelConfig:
             raise ValueError(f"norm must be 'layer' or 'batch', got {self.norm!r}")
         if self.n_bins % (2 ** (len(self.widths) - 1)) != 0:
             raise ValueError(f"n_bins={self.n_bins} must be divisible by 2**(stages-1) for the pooling")
+        if self.two_networks:
+            if not self.log_step > 0:
+                raise ValueError("two_networks needs the input grid's log_step (> 0)")
+            if self.rest_bins < self.n_bins or self.rest_bins % (2 ** (len(self.widths) - 1)) != 0:
+                raise ValueError(f"rest_bins={self.rest_bins} must be >= n_bins and divisible by 2**(stages-1)")
+
+    @property
+    def max_shift_z(self) -> float:
+        """The largest redshift whose rest-frame view still starts inside the rest grid."""
+        return math.expm1((self.rest_bins - self.n_bins) * self.log_step)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,8 +77,11 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # CPU-friendly: classifies hundreds of spectra per second on two cores.
-    "default": ModelConfig(),
+    # CPU-friendly and matched to SEDM: 256 log bins over 3500-10000 A are ~25 A each at 6000 A, one SEDM pixel, so
+    # nothing SEDM records is lost while every convolution costs a quarter of the 1024-bin network's.
+    "default": ModelConfig(n_bins=256, kernels=((15, 7, 3), (7, 5, 3), (5, 3, 1), (5, 3, 1), (3, 1, 1))),
+    # The first default (spectranet-sedm 0.1.0): 1024 bins, four per SEDM pixel.
+    "fine": ModelConfig(),
     # The paper's scale: 4096 bins, widths 64 -> 1024, very wide kernels early where channels are few.
     "paper": ModelConfig(
         n_bins=4096,
@@ -113,8 +133,27 @@ class ModelOutput:
     z_logvar: torch.Tensor  # [B]
 
 
+def rest_frame_view(x: torch.Tensor, z: torch.Tensor, *, log_step: float, rest_bins: int) -> torch.Tensor:
+    """x [B, C, n] on a log-wavelength grid -> [B, C, rest_bins], de-redshifted by z [B].
+
+    On a log grid a redshift is a shift by ln(1 + z) / log_step bins. The rest grid has the input's step, ends where
+    the input grid ends and starts ``rest_bins - n`` bins bluer; values are linearly interpolated, 0 where the
+    input does not reach (the coverage channel says so too).
+    """
+    b, c, n = x.shape
+    j = torch.arange(rest_bins, device=x.device, dtype=torch.float32)
+    pos = j[None, :] - (rest_bins - n) + torch.log1p(z.float())[:, None] / log_step  # [B, rest_bins]
+    i0 = pos.floor()
+    w = (pos - i0).to(x.dtype)[:, None, :]                                             # [B, 1, rest_bins]
+    i0 = i0.long()
+    inside = ((i0 >= 0) & (i0 < n - 1)).to(x.dtype)[:, None, :]
+    lo = i0.clamp(0, n - 1)[:, None, :].expand(b, c, rest_bins)
+    hi = (i0 + 1).clamp(0, n - 1)[:, None, :].expand(b, c, rest_bins)
+    return (x.gather(2, lo) * (1 - w) + x.gather(2, hi) * w) * inside
+
+
 class SpectraNet(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, redshift_head: bool = True) -> None:
         super().__init__()
         self.config = config
         pool_factor = 3 if config.pooling == "multiscale" else 1
@@ -126,19 +165,32 @@ class SpectraNet(nn.Module):
         self.pool: nn.Module = MultiScalePool() if config.pooling == "multiscale" else nn.MaxPool1d(2)
         feat = 2 * config.widths[-1]  # global average + global max
         self.trunk = nn.Sequential(nn.Linear(feat, config.hidden), nn.GELU(), nn.Dropout(config.dropout))
-        self.classifier = nn.Linear(config.hidden, config.n_classes)
-        self.redshift = nn.Linear(config.hidden, 2)
+        # with two networks this one predicts z only, and the rest-frame network only classifies
+        self.classifier = None if config.two_networks else nn.Linear(config.hidden, config.n_classes)
+        self.redshift = nn.Linear(config.hidden, 2) if redshift_head else None
+        self.rest_net = (SpectraNet(replace(config, n_bins=config.rest_bins, two_networks=False, rest_bins=0),
+                                    redshift_head=False) if config.two_networks else None)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, in_channels, n_bins]
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i < len(self.stages) - 1:
                 x = self.pool(x)                                   # [B, W(*3), L/2]
         x = torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)       # [B, 2W]
-        h = self.trunk(x)                                          # [B, hidden]
-        z = self.redshift(h)                                       # [B, 2]
-        return ModelOutput(logits=self.classifier(h), z_mean=z[:, 0], z_logvar=z[:, 1].clamp(-20.0, 10.0))
+        return self.trunk(x)                                       # [B, hidden]
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
+        """``z`` [B]: the redshift the rest-frame view uses in training (two networks only; else its own z)."""
+        h = self.features(x)
+        zz = self.redshift(h)                                      # [B, 2]
+        z_mean, z_logvar = zz[:, 0], zz[:, 1].clamp(-20.0, 10.0)
+        if self.rest_net is None:
+            return ModelOutput(logits=self.classifier(h), z_mean=z_mean, z_logvar=z_logvar)
+        shift = (z_mean.detach() if z is None else z).clamp(0.0, self.config.max_shift_z)
+        rest = rest_frame_view(x, shift, log_step=self.config.log_step, rest_bins=self.config.rest_bins)
+        return ModelOutput(logits=self.rest_net.classifier(self.rest_net.features(rest)), z_mean=z_mean,
+                           z_logvar=z_logvar)
 
 
 def count_parameters(model: nn.Module) -> int:

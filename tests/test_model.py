@@ -4,6 +4,7 @@ and parameter and FLOP counts checked against counts worked out from the archite
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -18,11 +19,16 @@ from streamer.model import (
     SpectraNet,
     count_flops,
     count_parameters,
+    rest_frame_view,
 )
 
 MULTISCALE = replace(PRESETS["default"], pooling="multiscale")
-CONFIGS = {**PRESETS, "default-multiscale": MULTISCALE}
-BATCH = {"default": 3, "paper": 2, "default-multiscale": 3}  # the paper preset is ~35 GFLOP per spectrum
+BATCHNORM = replace(PRESETS["default"], norm="batch")
+LOG_STEP = math.log(10000.0 / 3500.0) / 256
+TWO = replace(PRESETS["default"], two_networks=True, rest_bins=384, log_step=LOG_STEP)
+CONFIGS = {**PRESETS, "default-multiscale": MULTISCALE, "default-batchnorm": BATCHNORM, "default-two-networks": TWO}
+BATCH = {"default": 3, "fine": 3, "paper": 2, "default-multiscale": 3, "default-batchnorm": 3,
+         "default-two-networks": 3}  # the paper preset is ~35 GFLOP per spectrum
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +46,14 @@ def _input(config: ModelConfig, batch: int, seed: int = 1) -> torch.Tensor:
 
 def _expected_parameters(c: ModelConfig) -> int:
     """Parameters of the architecture as issue 3 describes it, counted by hand."""
+    if c.two_networks:  # a redshift network without class head + a rest-frame classifier without redshift head
+        single = _expected_parameters(replace(c, two_networks=False, rest_bins=0))
+        return 2 * single - (c.hidden * c.n_classes + c.n_classes) - (c.hidden * 2 + 2)
     total, in_ch = 0, c.in_channels
     per_pool = 3 if c.pooling == "multiscale" else 1
     for width, kernels in zip(c.widths, c.kernels):
         total += sum(in_ch * width * k + width for k in kernels)  # parallel convolutions with bias
-        total += 2 * len(kernels) * width                          # channel LayerNorm (weight, bias)
+        total += 2 * len(kernels) * width                          # channel LayerNorm or BatchNorm (weight, bias)
         total += len(kernels) * width * width + width              # 1x1 mix back to the stage width
         in_ch = width * per_pool
     feat = 2 * c.widths[-1]                                        # global average + max
@@ -162,6 +171,10 @@ def test_output_of_one_spectrum_does_not_depend_on_its_batch(models):
     ({"widths": (8, 16), "kernels": ((5, 3, 1), (2, 3, 1))}, "odd"),
     ({"n_bins": 1000}, "divisible"),
     ({"pooling": "avg"}, "pooling"),
+    ({"norm": "group"}, "norm"),
+    ({"two_networks": True, "rest_bins": 1536, "log_step": 0.0}, "log_step"),
+    ({"two_networks": True, "rest_bins": 1000, "log_step": 0.001}, "rest_bins"),
+    ({"two_networks": True, "rest_bins": 512, "log_step": 0.001}, "rest_bins"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -237,7 +250,7 @@ def test_parameter_counts_of_the_presets(models):
     assert count_parameters(models["default"]) < count_parameters(models["paper"]) / 10  # CPU-friendly
 
 
-@pytest.mark.parametrize("name", ["default", "default-multiscale"])
+@pytest.mark.parametrize("name", ["default", "fine", "default-multiscale"])
 def test_count_flops_matches_a_count_by_hand(models, name):
     assert count_flops(models[name].eval()) == _expected_flops(CONFIGS[name])
 
@@ -245,3 +258,39 @@ def test_count_flops_matches_a_count_by_hand(models, name):
 def test_paper_preset_flops_are_two_orders_above_the_default():
     # analytic count only: counting by running the paper preset is done by bench/bench_model.py (BENCHMARKS.md)
     assert _expected_flops(PRESETS["paper"]) > 50 * _expected_flops(PRESETS["default"])
+
+
+# ---------------------------------------------------------------------------------------------- two networks
+
+
+def test_rest_frame_view_shifts_by_ln_one_plus_z_over_the_step():
+    n, rest = 256, 384
+    x = torch.zeros(2, 2, n)
+    x[:, 0, 100] = 1.0
+    x[:, 1, :] = 1.0
+    shift = 7  # bins
+    z = torch.tensor([0.0, math.expm1(shift * LOG_STEP)])
+    out = rest_frame_view(x, z, log_step=LOG_STEP, rest_bins=rest)
+    assert out.shape == (2, 2, rest)
+    assert int(out[0, 0].argmax()) == 100 + (rest - n) and int(out[1, 0].argmax()) == 100 + (rest - n) - shift
+    torch.testing.assert_close(out[1, 0].sum(), torch.tensor(1.0))
+    # coverage: zero blueward of the input's first bin and redward of its last, one in between
+    covered = torch.nonzero(out[1, 1] > 0.5).squeeze(1)
+    assert int(covered[0]) == rest - n - shift and int(covered[-1]) == rest - 2 - shift
+    # half a bin: linear interpolation splits the line between two rest bins
+    half = rest_frame_view(x, torch.tensor([math.expm1(0.5 * LOG_STEP)]), log_step=LOG_STEP, rest_bins=rest)
+    torch.testing.assert_close(half[0, 0, 100 + rest - n - 1: 100 + rest - n + 1], torch.tensor([0.5, 0.5]))
+
+
+def test_two_networks_classify_the_rest_frame_of_the_given_or_predicted_z(models):
+    model = models["default-two-networks"].eval()
+    x = _input(TWO, 3)
+    with torch.no_grad():
+        own = model(x)
+        given_own = model(x, own.z_mean.clamp(0.0, TWO.max_shift_z))
+        other = model(x, torch.full((3,), 0.3))
+    torch.testing.assert_close(own.logits, given_own.logits)  # without z it uses its own estimate
+    torch.testing.assert_close(own.z_mean, other.z_mean)       # z never depends on the shift
+    assert not torch.allclose(own.logits, other.logits)        # the classifier sees another rest frame
+    assert model.classifier is None and model.rest_net.redshift is None
+    assert TWO.max_shift_z == pytest.approx(math.expm1(128 * LOG_STEP)) and TWO.max_shift_z > 0.6

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from streamer.errors import ConfigError
+from streamer.model import PRESETS, SpectraNet
 from streamer.taxonomy import CLASSES
 from training import metrics as M
-from training.data import Spectrum, canonical_object, read_flux_err, read_lnw, split_by_object
+from training.data import Spectrum, canonical_object, load_pack, read_flux_err, read_lnw, save_pack, split_by_object
 from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
-
+from training.train import TrainConfig, ema_update, model_config, parse_overrides
 
 # ------------------------------------------------------------------------------------------------------------ losses
 
@@ -154,3 +156,50 @@ def test_read_lnw(tmp_path):
     assert wave.shape == (6,) and flux.shape == (2, 6)
     assert phases.tolist() == [-5.0, 10.0] and sn_type == "Ia-norm"
     assert flux[0, :3].tolist() == [0, 0, 0] and flux[1, 0] == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------------------------------------ config and helpers
+
+
+def test_overrides_parse_yaml_values_and_reject_junk():
+    assert parse_overrides(["lr=3e-4", "pooling=multiscale", "spectra_pack=", "resume=false", "max_steps=7"]) == {
+        "lr": 3e-4, "pooling": "multiscale", "spectra_pack": "", "resume": False, "max_steps": 7}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+    with pytest.raises(ConfigError, match="unknown"):
+        parse_overrides(["learning_rate=1"])
+    with pytest.raises(ConfigError, match="max_steps"):
+        parse_overrides(["max_steps=many"])
+
+
+def test_pooling_and_norm_override_the_preset():
+    assert model_config(TrainConfig()) == PRESETS["default"]
+    cfg = model_config(TrainConfig(pooling="multiscale", norm="batch"))
+    assert (cfg.pooling, cfg.norm, cfg.widths) == ("multiscale", "batch", PRESETS["default"].widths)
+    for bad in ({"pooling": "avg"}, {"norm": "group"}):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+
+
+def test_ema_moves_weights_and_copies_batchnorm_statistics():
+    torch.manual_seed(0)
+    config = PRESETS["default"].__class__(**{**PRESETS["default"].__dict__, "norm": "batch"})
+    model, ema = SpectraNet(config), SpectraNet(config)
+    model.train()(torch.randn(4, 2, config.n_bins))  # updates the BatchNorm running statistics
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for b, p_ema, p in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(p_ema, 0.9 * b + 0.1 * p.detach())
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(b_ema, b)
+
+
+def test_pack_clips_float16_overflow(tmp_path):
+    wave = np.linspace(3000.0, 9000.0, 50)
+    flux = np.ones(50)
+    flux[10] = 1e22  # a junk spike, as in a few OSC files
+    s = Spectrum(wave=wave, flux=flux, label="Ia", object_id="x", source="osc", redshift=0.01, phase=None, path="x")
+    save_pack(tmp_path / "p.npz", train=[s], val=[s], galaxies=[(wave, np.ones(50))], summary={"n": 1})
+    train, val, galaxies, summary = load_pack(tmp_path / "p.npz")
+    assert np.isfinite(train[0].flux).all() and train[0].flux[10] == pytest.approx(65000.0, rel=1e-3)
+    assert train[0].flux[0] == 1.0 and summary == {"n": 1} and len(galaxies) == 1

@@ -44,16 +44,20 @@ from training.train import (
     val_metrics,
 )
 
-__all__ = ["Variant", "VARIANTS", "INPUTS", "run_ablation", "winner_overrides", "main"]
+__all__ = ["Variant", "VARIANTS", "INPUTS", "input_configs", "run_ablation", "winner_overrides", "main"]
 
-# The inputs a variant can read, each one ``prepare`` configuration of the same simulated observation.
-# The rest-frame grid starts at 2500 A: SEDM's blue end (3777 A) at z = 0.5 lands at 2518 A.
-INPUTS: dict[str, PreprocessConfig] = {
-    "observed-continuum": PreprocessConfig(grid=Grid(3500.0, 10000.0, 1024), normalisation="continuum"),
-    "observed-robust": PreprocessConfig(grid=Grid(3500.0, 10000.0, 1024), normalisation="robust"),
-    "rest-continuum": PreprocessConfig(grid=Grid(2500.0, 10000.0, 1024), normalisation="continuum",
-                                       to_rest_frame=True),
-}
+# The inputs a variant can read, each one ``prepare`` configuration of the same simulated observation (on the
+# preset's grid). The rest-frame grid starts at 2500 A: SEDM's blue end (3777 A) at z = 0.5 lands at 2518 A.
+def input_configs(n_bins: int) -> dict[str, PreprocessConfig]:
+    return {
+        "observed-continuum": PreprocessConfig(grid=Grid(3500.0, 10000.0, n_bins), normalisation="continuum"),
+        "observed-robust": PreprocessConfig(grid=Grid(3500.0, 10000.0, n_bins), normalisation="robust"),
+        "rest-continuum": PreprocessConfig(grid=Grid(2500.0, 10000.0, n_bins), normalisation="continuum",
+                                           to_rest_frame=True),
+    }
+
+
+INPUTS = input_configs(PRESETS["default"].n_bins)
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ VARIANTS: tuple[Variant, ...] = (
 class SharedDraws(torch.utils.data.Dataset):
     """Item (epoch, i): one simulated SEDM observation of spectrum i, prepared once per input in ``inputs``."""
 
-    def __init__(self, spectra: list[Spectrum], galaxies: list, inputs: list[str], seed: int) -> None:
+    def __init__(self, spectra: list[Spectrum], galaxies: list, inputs: dict[str, PreprocessConfig],
+                 seed: int) -> None:
         self.spectra, self.galaxies, self.inputs, self.seed = spectra, galaxies, inputs, seed
         self.targets = np.array([CLASSES.index(s.label) for s in spectra])
 
@@ -91,27 +96,31 @@ class SharedDraws(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[dict[str, torch.Tensor], int, float]:
         epoch, i = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        for _ in range(32):  # a draw that some input cannot use (too few pixels) is drawn again
-            sim = simulate_sedm(self.spectra[i], self.galaxies, rng)
-            if sim is None:
+        for k in range(len(self.spectra)):  # a spectrum that no input can use yields the next one of its class
+            j = (i + k) % len(self.spectra)
+            if self.targets[j] != self.targets[i]:
                 continue
-            try:
-                return {k: torch.from_numpy(_prepare(sim, k)) for k in self.inputs}, int(self.targets[i]), sim.z
-            except PreprocessError:
-                continue
-        raise PreprocessError(f"{self.spectra[i].path}: no usable SEDM draw in 32 tries", field="flux")
+            for _ in range(8):  # a draw that some input cannot use (too few pixels) is drawn again
+                sim = simulate_sedm(self.spectra[j], self.galaxies, rng)
+                if sim is None:
+                    continue
+                try:
+                    x = {name: torch.from_numpy(_prepare(sim, c)) for name, c in self.inputs.items()}
+                except PreprocessError:
+                    continue
+                return x, int(self.targets[j]), sim.z
+        raise PreprocessError(f"no spectrum of class {CLASSES[self.targets[i]]} can be simulated", field="flux")
 
 
-def _prepare(sim: Simulated, key: str, z: float | None = None) -> np.ndarray:
-    """[2, n_bins] for input ``key``; rest-frame inputs use ``z`` (default: the true z of the draw)."""
-    cfg = INPUTS[key]
+def _prepare(sim: Simulated, cfg: PreprocessConfig, z: float | None = None) -> np.ndarray:
+    """[2, n_bins] of one input; a rest-frame input uses ``z`` (default: the true z of the draw)."""
     if not cfg.to_rest_frame:
         return to_model_input(sim.wave, sim.flux, sim.flux_err, cfg)
     shift = sim.z if z is None else z
     return to_model_input(sim.wave / (1.0 + shift), sim.flux, sim.flux_err, replace(cfg, to_rest_frame=False))
 
 
-def _validation_draws(spectra: list[Spectrum], galaxies: list, inputs: list[str], seed: int):
+def _validation_draws(spectra: list[Spectrum], galaxies: list, inputs: dict[str, PreprocessConfig], seed: int):
     """The fixed validation set: raw draws (kept to re-prepare at a predicted z), inputs, labels, redshifts."""
     sims, xs, ys = [], {k: [] for k in inputs}, []
     for i, s in enumerate(spectra):
@@ -121,7 +130,7 @@ def _validation_draws(spectra: list[Spectrum], galaxies: list, inputs: list[str]
             if sim is None:
                 continue
             try:
-                prepared = {k: _prepare(sim, k) for k in inputs}
+                prepared = {k: _prepare(sim, c) for k, c in inputs.items()}
             except PreprocessError:
                 continue
             sims.append(sim), ys.append(CLASSES.index(s.label))
@@ -147,13 +156,16 @@ class _Member:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, lr: float,
+    def step(self, step: int, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weights: torch.Tensor, lr: float,
              cfg: TrainConfig) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * self.lr_scale
         self.model.train()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out = self.model(x)
+        # common random numbers: every network draws the same dropout masks at a given step
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                out = self.model(x)
         loss = torch.zeros((), device=x.device)
         if self.classify:
             loss = loss + focal_loss(out.logits.float(), y, weights, cfg.focal_gamma)
@@ -169,13 +181,13 @@ class _Member:
 
 
 def _evaluate(variant: Variant, members: list[_Member], sims: list[Simulated], x_val: dict[str, np.ndarray],
-              y_val: np.ndarray, z_val: np.ndarray, device: torch.device) -> dict:
+              y_val: np.ndarray, z_val: np.ndarray, rest: PreprocessConfig, device: torch.device) -> dict:
     first = predict(members[0].ema, x_val[members[0].input_key], device)
     if not variant.two_networks:
         return val_metrics(first, y_val, z_val)
     # the classifier sees each validation draw de-redshifted by the redshift network's own estimate
-    rest = np.stack([_prepare(s, "rest-continuum", float(z)) for s, z in zip(sims, first["z"])])
-    second = predict(members[1].ema, rest, device)
+    x_rest = np.stack([_prepare(s, rest, float(z)) for s, z in zip(sims, first["z"])])
+    second = predict(members[1].ema, x_rest, device)
     return val_metrics({"logits": second["logits"], "z": first["z"], "z_err": first["z_err"]}, y_val, z_val)
 
 
@@ -187,8 +199,9 @@ def run_ablation(cfg: TrainConfig, variants: tuple[Variant, ...] = VARIANTS) -> 
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: pick the fastest kernels once
     torch.manual_seed(cfg.seed)
     train_spectra, val_spectra, galaxies, summary = load_split(cfg)
-    inputs = sorted({v.input for v in variants} | ({"rest-continuum"} if any(v.two_networks for v in variants)
-                                                   else set()))
+    configs = input_configs(PRESETS[cfg.preset].n_bins)
+    needed = {v.input for v in variants} | ({"rest-continuum"} if any(v.two_networks for v in variants) else set())
+    inputs = {k: configs[k] for k in sorted(needed)}
     sims, x_val, y_val, z_val = _validation_draws(val_spectra, galaxies, inputs, cfg.val_seed)
     dataset = SharedDraws(train_spectra, galaxies, inputs, cfg.seed)
     loader = torch.utils.data.DataLoader(
@@ -200,6 +213,7 @@ def run_ablation(cfg: TrainConfig, variants: tuple[Variant, ...] = VARIANTS) -> 
 
     teams: dict[str, list[_Member]] = {}
     for v in variants:
+        torch.manual_seed(cfg.seed)  # every variant starts from the same seed: identical variants train identically
         if v.two_networks:
             teams[v.name] = [_Member(v, v.input, device, cfg, classify=False, redshift=True),
                              _Member(v, "rest-continuum", device, cfg, classify=True, redshift=False)]
@@ -216,13 +230,13 @@ def run_ablation(cfg: TrainConfig, variants: tuple[Variant, ...] = VARIANTS) -> 
         xb, y, z = next(batches)                          # xb: {input: [B, 2, n_bins]}, y: [B], z: [B]
         xb = {k: v.to(device, non_blocking=True) for k, v in xb.items()}
         y, z = y.to(device), z.to(device, torch.float32)
-        losses = {name: sum(m.step(xb[m.input_key], y, z, weights, lr, cfg) for m in team)
+        losses = {name: sum(m.step(step, xb[m.input_key], y, z, weights, lr, cfg) for m in team)
                   for name, team in teams.items()}
         step += 1
         out_of_time = cfg.time_limit_min > 0 and time.time() - t_start > 60 * cfg.time_limit_min
         if step % cfg.eval_every == 0 or step >= cfg.max_steps or out_of_time:
             for v in variants:
-                m = _evaluate(v, teams[v.name], sims, x_val, y_val, z_val, device)
+                m = _evaluate(v, teams[v.name], sims, x_val, y_val, z_val, configs["rest-continuum"], device)
                 history[v.name].append({"step": step, "loss": round(losses[v.name], 4),
                                         "val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"],
                                         "val_ia": m["ia_vs_non_ia_accuracy"],

@@ -18,4 +18,4 @@ echo "training with: ${overrides:-gpu.yaml as written}"
 # shellcheck disable=SC2086  # one key=value per word
 python3 -m training.train --config training/configs/gpu.yaml --set "spectra_pack=$pack" $overrides ${EXTRA_SET:-} 2>&1 \
     | tee "$out/train.log"
-cp runs/gpu/spectranet-sedm-0.2.0.safetensors runs/gpu/spectranet-sedm-0.2.0.json "$out/"
+cp runs/gpu/spectranet-sedm-0.3.0.safetensors runs/gpu/spectranet-sedm-0.3.0.json "$out/"

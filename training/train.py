@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import time
@@ -51,6 +52,8 @@ from training.data import Spectrum, counts_table, load_galaxies, load_pack, load
 from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
 from training.simulate import SEDM_DEFAULT, simulate_input
 
+_GRID = (3500.0, 10000.0)  # the model's wavelength range (vacuum A), log-uniform in model_config().n_bins bins
+
 __all__ = ["TrainConfig", "train", "load_split", "simulate_set", "predict", "val_metrics", "model_config",
            "schedule_step", "parse_overrides", "ema_update", "main"]
 
@@ -68,6 +71,7 @@ class TrainConfig:
     preset: str = "default"
     pooling: str = ""                  # "" keeps the preset's; "max" or "multiscale" overrides it (training.ablation)
     norm: str = ""                     # "" keeps the preset's; "layer" or "batch" overrides it (training.ablation)
+    two_networks: bool = False         # the paper's redshift network + rest-frame classifier (ModelConfig)
     normalisation: str = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0
     split_seed: int = 0
@@ -227,9 +231,17 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The preset's architecture, with the config's pooling and norm where it names them."""
-    overrides = {k: v for k, v in (("pooling", cfg.pooling), ("norm", cfg.norm)) if v}
-    return replace(PRESETS[cfg.preset], **overrides)
+    """The preset's architecture, with the config's pooling, norm and two networks where it names them.
+
+    Two networks get a rest-frame grid half as long again as the input's (384 bins for 256), which keeps the whole
+    observed range in view up to z ~ 0.69 with the input grid's own log step.
+    """
+    preset = PRESETS[cfg.preset]
+    overrides: dict[str, Any] = {k: v for k, v in (("pooling", cfg.pooling), ("norm", cfg.norm)) if v}
+    if cfg.two_networks:
+        overrides.update(two_networks=True, rest_bins=preset.n_bins * 3 // 2,
+                         log_step=math.log(_GRID[1] / _GRID[0]) / preset.n_bins)
+    return replace(preset, **overrides)
 
 
 def schedule_step(step: int, elapsed_s: float, cfg: TrainConfig) -> int:
@@ -272,7 +284,7 @@ def train(cfg: TrainConfig) -> Checkpoint:
 
     # data: object-held-out split, SEDM simulation through the inference preprocessing
     model_cfg = model_config(cfg)
-    preprocess = PreprocessConfig(grid=Grid(3500.0, 10000.0, model_cfg.n_bins), normalisation=cfg.normalisation)
+    preprocess = PreprocessConfig(grid=Grid(*_GRID, model_cfg.n_bins), normalisation=cfg.normalisation)
     train_spectra, val_spectra, galaxies, summary = load_split(cfg)
     if main_proc:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("train", "val")}))
@@ -328,7 +340,7 @@ def train(cfg: TrainConfig) -> Checkpoint:
         x, y, z = x.to(device, non_blocking=True), y.to(device), z.to(device, torch.float32)
         train_model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = train_model(x)
+            out = train_model(x, z)                  # two networks: the classifier sees the true rest frame
         loss_cls = focal_loss(out.logits.float(), y, weights, cfg.focal_gamma)
         loss_z = gaussian_nll(out.z_mean.float(), out.z_logvar.float(), z)
         loss = loss_cls + cfg.z_weight * loss_z
@@ -402,13 +414,32 @@ def train(cfg: TrainConfig) -> Checkpoint:
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` (values in YAML syntax) to a dict, for ``--set`` on the command line."""
+    """``["key=value", ...]`` to typed ``TrainConfig`` values, for ``--set`` on the command line.
+
+    Each value takes the type of the key's default (so ``lr=3e-4`` is a float, which YAML 1.1 would leave a string).
+    """
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     out: dict[str, Any] = {}
     for pair in pairs or []:
-        key, sep, value = pair.partition("=")
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        if key not in defaults:
+            raise ConfigError(f"--set {key}: unknown training config key")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                value: Any = yaml.safe_load(raw)
+                if not isinstance(value, bool):
+                    raise ValueError("expected true or false")
+            elif isinstance(default, (int, float)):
+                value = type(default)(raw)
+            else:
+                value = raw
+        except ValueError as exc:
+            raise ConfigError(f"--set {key}={raw!r}: {exc}") from exc
+        out[key] = value
     return out
 
 
