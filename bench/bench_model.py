@@ -19,18 +19,23 @@ from common import ROOT, load, machine, percentile
 import numpy as np
 import torch
 
-from streamer.checkpoint import Checkpoint
+from streamer.checkpoint import Checkpoint, load_checkpoint
 from streamer.engine import InferenceEngine
-from streamer.model import PRESETS, SpectraNet, count_flops, count_parameters
+from streamer.model import PRESETS, ModelConfig, SpectraNet, count_flops, count_parameters
 from streamer.preprocess import Grid, PreprocessConfig
 from streamer.taxonomy import CLASSES
 
-BATCHES = {"default": (1, 8, 32, 64, 128, 256), "paper": (1, 8)}  # 64: the daemon's micro-batch
-QUICK_BATCHES = {"default": (1, 8, 32, 64, 128, 256), "paper": (1,)}
+# "shipped": the packaged model's own architecture (since 0.2.0 the default preset as two networks)
+BATCHES = {"default": (1, 8, 32, 64, 128, 256), "shipped": (1, 8, 16, 32, 64), "paper": (1, 8)}  # 64: micro-batch
+QUICK_BATCHES = {"default": (1, 8, 32, 64, 128, 256), "shipped": (1, 8, 16, 64), "paper": (1,)}
+
+
+def _config(preset: str) -> ModelConfig:
+    return load_checkpoint().model_config if preset == "shipped" else PRESETS[preset]
 
 
 def _engine(preset: str, batch: int) -> InferenceEngine:
-    config = PRESETS[preset]
+    config = _config(preset)
     torch.manual_seed(0)
     model = SpectraNet(config)
     ckpt = Checkpoint(name=f"bench-{preset}", version="0.0.0", model_config=config, taxonomy=CLASSES,
@@ -41,7 +46,7 @@ def _engine(preset: str, batch: int) -> InferenceEngine:
 
 def time_batches(preset: str, batch: int, *, min_time: float, max_batches: int) -> dict[str, Any]:
     engine = _engine(preset, batch)
-    x = np.random.default_rng(0).normal(size=(batch, 2, PRESETS[preset].n_bins)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(batch, 2, _config(preset).n_bins)).astype(np.float32)
     engine.predict_arrays(x[: min(batch, 8)])  # warm-up (allocator, oneDNN primitive cache)
     times: list[float] = []
     start = time.perf_counter()
@@ -76,12 +81,13 @@ def run(*, quick: bool, threads: int) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine(threads), "presets": {}, "throughput": []}
     out["matmul_before"] = matmul_flops(min_time=min_time)
     for preset, sizes in (QUICK_BATCHES if quick else BATCHES).items():
-        model = SpectraNet(PRESETS[preset]).eval()
+        model = SpectraNet(_config(preset)).eval()
         out["presets"][preset] = {"parameters": count_parameters(model), "flops_per_spectrum": count_flops(model)}
         del model
         for bs in sizes:
-            r = time_batches(preset, bs, min_time=min_time if preset == "default" else 0.0,
-                             max_batches=400 if preset == "default" else (1 if quick else 2))
+            cheap = preset != "paper"
+            r = time_batches(preset, bs, min_time=min_time if cheap else 0.0,
+                             max_batches=400 if cheap else (1 if quick else 2))
             out["throughput"].append(r)
             print(json.dumps(r), flush=True)
     out["matmul_after"] = matmul_flops(min_time=min_time)

@@ -8,6 +8,11 @@ reference's earlier variant).
 Global average+max pooling feeds an MLP trunk with two heads: class logits over the taxonomy and a Gaussian
 redshift (mean and log-variance, trained with Gaussian NLL).
 
+With ``two_networks`` (the paper's design, and the shipped model's since the ablation in MODEL_CARD.md) the network
+above predicts only the redshift, and a second one classifies a rest-frame view of the same input: on a
+log-wavelength grid a redshift is a shift by ln(1 + z) / step bins (``rest_frame_view``), so the daemon still runs
+one module on one observed-frame tensor. Training shifts by the true z, inference by the predicted one.
+
 Presets are data (``PRESETS``); a checkpoint stores the ``ModelConfig`` that built it so loading rebuilds it exactly.
 """
 
