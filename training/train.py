@@ -7,10 +7,11 @@ loop (class-balanced focal loss, gamma 2, beta 0.9999, plus the redshift head's 
 early stopping on validation macro-F1 -> temperature fitted on validation -> export a checkpoint that
 ``streamer.checkpoint.load_checkpoint`` and ``streamer.engine.InferenceEngine`` use as is.
 
-A single multi-task network reads observer-frame input and predicts class and redshift together; it is what the
-daemon can run (packets rarely carry a redshift). The validation set is simulated once with a fixed seed, so every
-evaluation scores the same inputs; training samples are seeded by (seed, epoch, index), so a resumed run draws
-exactly the samples the interrupted run would have.
+The network reads observer-frame input (packets rarely carry a redshift): one multi-task network, or with
+``two_networks`` (the shipped model, chosen by ``training.ablation``) a redshift network whose classifier sees the
+rest frame of the true z in training and of the predicted z at validation and inference. The validation set is
+simulated once with a fixed seed, so every evaluation scores the same inputs; training samples are seeded by (seed,
+epoch, index), so a resumed run draws exactly the samples the interrupted run would have.
 
 Resume: ``out_dir/state.pt`` is written at every evaluation; a run whose ``out_dir`` holds one continues from it
 (``resume: false`` starts over).
