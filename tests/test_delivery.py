@@ -646,14 +646,16 @@ def test_partitions_assigned_during_an_outage_lose_nothing(setup: Setup) -> None
 def test_sigterm_during_a_batch_finishes_it_and_never_half_writes(setup: Setup, tmp_path: Path) -> None:
     setup.batch = {"max_size": 200}
     setup.create_topics()
-    packets = good_packets(500)
+    # Enough packets that the daemon cannot drain them before the signal: with the 0.2.0 model a batch of 200 takes
+    # well under a second here, and 500 packets were all done one second after the first batch.
+    packets = good_packets(2000)
     placed = produce(setup.bootstrap, setup.input_topic, packets)
     results, offsets = Results(setup.database_url), setup.offsets()
     first = DaemonProcess(setup.env(), tmp_path / "first.log")
     try:
         wait_until("the first batch", lambda: results.count(db.classifications) > 0 or not first.alive(),
                    timeout_s=120, every_s=0.1)
-        time.sleep(1.0)  # the second batch of 200 is being classified now (a batch takes seconds here)
+        time.sleep(0.3)  # the next batch of 200 is being classified now
         assert first.alive(), first.log()[-3000:]
         signalled = time.monotonic()
         assert first.stop(timeout_s=60) == 0, first.log()[-3000:]
