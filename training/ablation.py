@@ -45,7 +45,7 @@ from training.train import (
     val_metrics,
 )
 
-__all__ = ["Variant", "VARIANTS", "INPUTS", "input_configs", "run_ablation", "winner_overrides", "main"]
+__all__ = ["Variant", "VARIANTS", "input_configs", "run_ablation", "winner_overrides", "main"]
 
 # The inputs a variant can read, each one ``prepare`` configuration of the same simulated observation (on the
 # preset's grid). The rest-frame grid starts at 2500 A: SEDM's blue end (3777 A) at z = 0.5 lands at 2518 A.
@@ -56,9 +56,6 @@ def input_configs(n_bins: int) -> dict[str, PreprocessConfig]:
         "rest-continuum": PreprocessConfig(grid=Grid(2500.0, 10000.0, n_bins), normalisation="continuum",
                                            to_rest_frame=True),
     }
-
-
-INPUTS = input_configs(PRESETS["default"].n_bins)
 
 
 @dataclass(frozen=True)
@@ -276,7 +273,7 @@ def winner_overrides(report: dict) -> dict[str, Any]:
     numbers measure that implementation.
     """
     v = report["results"][0]["variant"]
-    return {"pooling": v["pooling"], "norm": v["norm"], "normalisation": INPUTS[v["input"]].normalisation,
+    return {"pooling": v["pooling"], "norm": v["norm"], "normalisation": v["input"].split("-")[-1],
             "lr": report["train_config"]["lr"] * v["lr_scale"], "two_networks": v["two_networks"]}
 
 
