@@ -11,7 +11,8 @@ redshift (mean and log-variance, trained with Gaussian NLL).
 With ``two_networks`` (the paper's design, and the shipped model's since the ablation in MODEL_CARD.md) the network
 above predicts only the redshift, and a second one classifies a rest-frame view of the same input: on a
 log-wavelength grid a redshift is a shift by ln(1 + z) / step bins (``rest_frame_view``), so the daemon still runs
-one module on one observed-frame tensor. Training shifts by the true z, inference by the predicted one.
+one module on one observed-frame tensor. Inference shifts by the predicted z; training by the true z, jittered, or
+by the predicted one (``training.train``'s ``z_noise`` and ``pred_z_fraction``).
 
 Presets are data (``PRESETS``); a checkpoint stores the ``ModelConfig`` that built it so loading rebuilds it exactly.
 """
@@ -186,13 +187,15 @@ class SpectraNet(nn.Module):
         return self.trunk(x)                                       # [B, hidden]
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
-        """``z`` [B]: the redshift the rest-frame view uses in training (two networks only; else its own z)."""
+        """``z`` [B]: the redshift each rest-frame view uses (two networks only); None or NaN rows use the network's
+        own prediction, which is how training shows the classifier the redshift errors it will meet at inference."""
         h = self.features(x)
         zz = self.redshift(h)                                      # [B, 2]
         z_mean, z_logvar = zz[:, 0], zz[:, 1].clamp(-20.0, 10.0)
         if self.rest_net is None:
             return ModelOutput(logits=self.classifier(h), z_mean=z_mean, z_logvar=z_logvar)
-        shift = (z_mean.detach() if z is None else z).clamp(0.0, self.config.max_shift_z)
+        own = z_mean.detach()
+        shift = (own if z is None else torch.where(torch.isnan(z), own, z)).clamp(0.0, self.config.max_shift_z)
         rest = rest_frame_view(x, shift, log_step=self.config.log_step, rest_bins=self.config.rest_bins)
         return ModelOutput(logits=self.rest_net.classifier(self.rest_net.features(rest)), z_mean=z_mean,
                            z_logvar=z_logvar)

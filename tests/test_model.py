@@ -294,3 +294,14 @@ def test_two_networks_classify_the_rest_frame_of_the_given_or_predicted_z(models
     assert not torch.allclose(own.logits, other.logits)        # the classifier sees another rest frame
     assert model.classifier is None and model.rest_net.redshift is None
     assert TWO.max_shift_z == pytest.approx(math.expm1(128 * LOG_STEP)) and TWO.max_shift_z > 0.6
+
+
+def test_nan_redshift_rows_use_the_networks_own_estimate(models):
+    model = models["default-two-networks"].eval()
+    x = _input(TWO, 4)
+    given = torch.tensor([0.3, math.nan, 0.1, math.nan])
+    with torch.no_grad():
+        mixed, own, fixed = model(x, given), model(x), model(x, torch.tensor([0.3, 0.0, 0.1, 0.0]))
+    torch.testing.assert_close(mixed.logits[[1, 3]], own.logits[[1, 3]])
+    torch.testing.assert_close(mixed.logits[[0, 2]], fixed.logits[[0, 2]])
+    assert torch.isfinite(mixed.logits).all() and not torch.allclose(mixed.logits[[0, 2]], own.logits[[0, 2]])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from streamer.checkpoint import load_checkpoint
 from streamer.engine import InferenceEngine
@@ -157,3 +158,19 @@ def test_two_networks_train_export_and_run_in_the_engine(tiny_data: Path, tmp_pa
     (a,) = InferenceEngine(loaded, device="cpu", warmup=False).predict([p])
     (b,) = InferenceEngine(ckpt, device="cpu", warmup=False).predict([p])
     assert a.probabilities == pytest.approx(b.probabilities) and a.z == pytest.approx(b.z)
+
+
+def test_init_from_starts_from_a_checkpoints_weights(tiny_data: Path, tmp_path: Path):
+    """With lr 0 nothing moves, so a run started from A exports A's weights, and a run started afresh does not."""
+    base = dict(manifest=str(tiny_data / "manifest.csv"), two_networks=True, batch_size=4, warmup_steps=1,
+                max_steps=1, eval_every=1, val_fraction=0.5, num_workers=0, resume=False, threads=1)
+    a = train(TrainConfig(**base, out_dir=str(tmp_path / "a"), version="0.0.1-a", seed=3))
+    src = str(tmp_path / "a" / "spectranet-sedm-0.0.1-a")
+    b = train(TrainConfig(**base, out_dir=str(tmp_path / "b"), version="0.0.1-b", lr=0.0, init_from=src,
+                          z_noise=0.01, pred_z_fraction=0.5))
+    c = train(TrainConfig(**base, out_dir=str(tmp_path / "c"), version="0.0.1-c", lr=0.0))
+    wa, wb, wc = (ck.build_model().state_dict() for ck in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    with pytest.raises(ConfigError, match="architecture"):
+        train(TrainConfig(**{**base, "two_networks": False}, out_dir=str(tmp_path / "d"), init_from=src))

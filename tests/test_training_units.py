@@ -14,7 +14,7 @@ from streamer.taxonomy import CLASSES
 from training import metrics as M
 from training.data import Spectrum, canonical_object, load_pack, read_flux_err, read_lnw, save_pack, split_by_object
 from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
-from training.train import TrainConfig, ema_update, model_config, parse_overrides
+from training.train import TrainConfig, classifier_z, ema_update, model_config, parse_overrides
 
 # ------------------------------------------------------------------------------------------------------------ losses
 
@@ -177,6 +177,22 @@ def test_pooling_and_norm_override_the_preset():
     cfg = model_config(TrainConfig(pooling="multiscale", norm="batch"))
     assert (cfg.pooling, cfg.norm, cfg.widths) == ("multiscale", "batch", PRESETS["default"].widths)
     for bad in ({"pooling": "avg"}, {"norm": "group"}):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+
+
+def test_classifier_z_jitters_in_ln_one_plus_z_and_hands_a_share_to_the_network():
+    z = torch.rand(20000) * 0.3
+    assert torch.equal(classifier_z(z, TrainConfig()), z)  # the defaults: the exact redshift
+    g = torch.Generator().manual_seed(0)
+    out = classifier_z(z, TrainConfig(z_noise=0.02, pred_z_fraction=0.25), g)
+    own = torch.isnan(out)
+    assert abs(own.float().mean().item() - 0.25) < 0.02
+    d = torch.log1p(out[~own]) - torch.log1p(z[~own])
+    assert abs(d.std().item() - 0.02) < 0.002 and abs(d.mean().item()) < 0.002
+    assert (out[~own] >= 0).all()
+    assert torch.isnan(classifier_z(z, TrainConfig(pred_z_fraction=1.0))).all()
+    for bad in ({"pred_z_fraction": 1.5}, {"z_noise": -0.1}):
         with pytest.raises(ConfigError):
             TrainConfig(**bad)
 
