@@ -219,3 +219,17 @@ def test_pack_clips_float16_overflow(tmp_path):
     train, val, galaxies, summary = load_pack(tmp_path / "p.npz")
     assert np.isfinite(train[0].flux).all() and train[0].flux[10] == pytest.approx(65000.0, rel=1e-3)
     assert train[0].flux[0] == 1.0 and summary == {"n": 1} and len(galaxies) == 1
+
+
+def test_shipped_training_configs_load_and_chain():
+    """Every config in training/configs is a valid TrainConfig; finetune.yaml starts from what default.yaml writes."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    configs = {p.stem: TrainConfig.from_yaml(p) for p in sorted(root.glob("*.yaml"))}
+    assert {"default", "finetune", "smoke", "gpu"} <= set(configs)
+    first, second = configs["default"], configs["finetune"]
+    assert second.init_from == f"{first.out_dir}/{first.name}-{first.version}"
+    assert model_config(second) == model_config(first) and second.split_seed == first.split_seed
+    assert second.val_fraction == first.val_fraction and second.out_dir != first.out_dir
+    assert second.pred_z_fraction > 0 and second.z_noise > 0
