@@ -18,7 +18,8 @@ from streamer.taxonomy import CLASSES
 from training.ablation import Variant, run_ablation, winner_overrides
 from training.data import load_galaxies, load_spectra, read_manifest, save_pack
 from training.evaluate import evaluate
-from training.train import TrainConfig, load_split, train
+from training import metrics as M
+from training.train import TrainConfig, load_split, simulate_set, train
 
 _LINES = {"Ia": 6150.0, "II": 6563.0, "Ic": 7774.0, "SLSN-I": 4200.0}
 
@@ -93,6 +94,7 @@ def test_two_step_training_checkpoint_engine_and_evaluate(tiny_data: Path, tmp_p
                       out_dir=out, max_templates=20)
     data = json.loads((out / "metrics.json").read_text())
     assert data["summary"]["n"] == report["summary"]["n"] > 0
+    assert "SpectraNet_classifier_given_true_z" not in data["summary"]  # one network: no rest-frame classifier
     assert {"SpectraNet", "baseline", "SpectraNet_beats_baseline", "ece"} <= set(data["summary"])
     for name in ("confusion.png", "confusion_baseline.png", "redshift.png", "pr.png", "reliability.png"):
         assert (out / name).stat().st_size > 1000
@@ -158,6 +160,19 @@ def test_two_networks_train_export_and_run_in_the_engine(tiny_data: Path, tmp_pa
     (a,) = InferenceEngine(loaded, device="cpu", warmup=False).predict([p])
     (b,) = InferenceEngine(ckpt, device="cpu", warmup=False).predict([p])
     assert a.probabilities == pytest.approx(b.probabilities) and a.z == pytest.approx(b.z)
+
+    # evaluate also scores the classifier on the rest frame of the true z; recompute that by hand
+    report = evaluate(model=tmp_path / "two" / "spectranet-sedm-0.0.2-test", data_manifest=tiny_data / "manifest.csv",
+                      out_dir=tmp_path / "eval-two", max_templates=4)
+    given = report["summary"]["SpectraNet_classifier_given_true_z"]
+    _, val, galaxies, _ = load_split(cfg)
+    x, y, z = simulate_set(val, galaxies, loaded.preprocess, repeats=cfg.val_repeats, seed=cfg.val_seed)
+    net = loaded.build_model().eval()
+    with torch.no_grad():
+        logits = net(torch.from_numpy(x), torch.from_numpy(z).float()).logits.numpy()
+    by_hand = M.classification_report(y, M.softmax(logits, loaded.temperature), CLASSES)
+    assert given["macro_f1"] == pytest.approx(by_hand["macro_f1"])
+    assert given["accuracy"] == pytest.approx(by_hand["accuracy"])
 
 
 def test_init_from_starts_from_a_checkpoints_weights(tiny_data: Path, tmp_path: Path):

@@ -6,6 +6,9 @@ SEDM resolution with the same fixed seed training used (so these are the numbers
 saw), plus the real SEDM spectra among the validation objects, scored as they are. With ``--manifest`` it is the
 user's own files (``path, type, redshift[, phase]``), read and preprocessed exactly as ``spectranet classify`` does.
 
+For the two-network model the classifier is also scored on the rest frame of the true redshift
+(``classifier_given_true_z``): the gap to its score at its own redshift is what the redshift errors cost.
+
 Both predictors see identical inputs; the baseline's templates are the training split's spectra (never validation
 objects). Written to ``--out``: ``metrics.json``, ``confusion.png``, ``confusion_baseline.png``, ``redshift.png``,
 ``pr.png``, ``reliability.png``.
@@ -121,6 +124,12 @@ def _evaluate_set(name: str, x: np.ndarray, y: np.ndarray, z: np.ndarray, ckpt: 
     result["model"]["ece_before_temperature"] = M.expected_calibration_error(probs_raw, y)
     result["model"]["ece_after_temperature"] = M.expected_calibration_error(probs, y)
     result["model"]["temperature"] = ckpt.temperature
+    if ckpt.model_config.two_networks and np.isfinite(z).any():
+        # the same classifier on the rest frame of the true z: what the redshift network's errors cost it
+        given = M.classification_report(y, M.softmax(predict(model, x, torch.device("cpu"), z=z)["logits"],
+                                                     ckpt.temperature), CLASSES)
+        result["model"]["classifier_given_true_z"] = {k: given[k] for k in (
+            "macro_f1", "accuracy", "ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy")}
     z_preds = {"SpectraNet": pred["z"]}
     if bank is not None:
         cls, zb, _ = match(bank, _continuum_removed(x, ckpt), x[:, 1])
@@ -178,6 +187,8 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
     main = report["sets"][main_name]
     summary: dict[str, Any] = {"set": main_name, "n": main["n"], "SpectraNet": _headline(main["model"])}
     summary["SpectraNet_meets_target"] = targets_met(summary["SpectraNet"])
+    if "classifier_given_true_z" in main["model"]:
+        summary["SpectraNet_classifier_given_true_z"] = main["model"]["classifier_given_true_z"]
     summary["ece"] = {"before": main["model"]["ece_before_temperature"],
                       "after": main["model"]["ece_after_temperature"], "temperature": ckpt.temperature}
     if "baseline" in main:

@@ -211,14 +211,19 @@ def simulate_set(spectra: list[Spectrum], galaxies: list, preprocess: Preprocess
 
 
 @torch.inference_mode()
-def predict(model: SpectraNet, x: np.ndarray, device: torch.device, batch: int = 256) -> dict[str, np.ndarray]:
-    """Logits [N, C], z mean [N] and z sigma [N] of ``model`` (eval mode) over x [N, 2, n_bins]."""
+def predict(model: SpectraNet, x: np.ndarray, device: torch.device, batch: int = 256,
+            z: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Logits [N, C], z mean [N] and z sigma [N] of ``model`` (eval mode) over x [N, 2, n_bins].
+
+    ``z`` [N] (two networks): the redshifts the classifier's rest-frame views use instead of the network's own
+    (NaN: its own), to measure what redshift errors cost the classification."""
     model.eval()
     logits, zm, zs = [], [], []
     for k in range(0, len(x), batch):
         xb = torch.from_numpy(x[k:k + batch]).to(device)
+        zb = None if z is None else torch.as_tensor(z[k:k + batch], dtype=torch.float32, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(xb)
+            out = model(xb, zb)
         logits.append(out.logits.float().cpu()), zm.append(out.z_mean.float().cpu())
         zs.append(torch.exp(0.5 * out.z_logvar.float()).cpu())
     return {"logits": torch.cat(logits).numpy(), "z": torch.cat(zm).clamp_min(0).numpy(),
