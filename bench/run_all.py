@@ -167,9 +167,9 @@ def render() -> str:
             + [e2e["sustained"]["load_average"][0], e2e["burst"]["load_average"][0], naive["load_average"][0]]
             + [r["load_average"][0] for r in e2e["latency"]] + [r["load_average"][0] for r in scale["rows"]])
     add(f"- 1-min load average recorded with the figures below: {min(figs):.2f} to {max(figs):.2f}"
-        + (" — **the other jobs came back during the run: the end-to-end, naive and scaling figures were taken at a "
-           "load of 4 to 8 on 2 cores and are lower and noisier than on an idle machine; comparisons across "
-           "sections (e.g. end to end vs model-only) mix conditions**" if max(figs) >= 1.5 else ""))
+        + (f" — **other load reached {max(figs):.2f} on 2 cores during the run: figures taken at a 1-min load above "
+           "1.5 (each row's load column) are lower and noisier than on an idle machine, and comparisons across "
+           "sections mix conditions**" if max(figs) >= 1.5 else ""))
     add("")
 
     add("## Model only (CPU, random weights, `InferenceEngine.predict_arrays`)")
@@ -324,10 +324,11 @@ def render() -> str:
     prof_st = e2e.get("profile", {}).get("stages", {})
     conv = sum(f["share"] for f in e2e.get("profile", {}).get("top_self", []) if "conv" in f["frame"].lower())
     lnorm = sum(f["share"] for f in e2e.get("profile", {}).get("top_self", []) if "layer_norm" in f["frame"])
+    profiled = (f"; the py-spy profile of a draining daemon puts {100 * prof_st['  model forward']:.0f} % of its "
+                f"samples in the model's forward pass ({100 * conv:.0f} % self time in Conv1d, {100 * lnorm:.0f} % in "
+                "layer_norm)" if "  model forward" in prof_st else " (no py-spy profile in this run)")
     add(f"1. **Inference is the daemon's cost.** At batch 64 it takes {inf64:,.0f} µs per spectrum, "
-        f"{100 * inf64 / d_sum:.0f} % of the summed per-spectrum stage cost ({d_sum:,.0f} µs); the py-spy profile of "
-        f"a draining daemon puts {100 * prof_st.get('  model forward', float('nan')):.0f} % of its samples in the "
-        f"model's forward pass ({100 * conv:.0f} % self time in Conv1d, {100 * lnorm:.0f} % in layer_norm). With one "
+        f"{100 * inf64 / d_sum:.0f} % of the summed per-spectrum stage cost ({d_sum:,.0f} µs){profiled}. With one "
         f"torch thread per process, one daemon cannot exceed ~{1e6 / main_thread:,.0f} spectra/s on its main thread.")
     if 64 in tp and tp[64]["spectra_per_s"] < 0.9 * best_b["spectra_per_s"]:
         add(f"2. **The micro-batch size is on the slow side of the CPU's batch curve.** Model-only, batch 64 runs at "
