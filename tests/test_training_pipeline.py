@@ -15,10 +15,10 @@ from streamer.engine import InferenceEngine
 from streamer.errors import ConfigError
 from streamer.preprocess import prepare
 from streamer.taxonomy import CLASSES
+from training import metrics as M
 from training.ablation import Variant, run_ablation, winner_overrides
 from training.data import load_galaxies, load_spectra, read_manifest, save_pack
 from training.evaluate import evaluate
-from training import metrics as M
 from training.train import TrainConfig, load_split, simulate_set, train
 
 _LINES = {"Ia": 6150.0, "II": 6563.0, "Ic": 7774.0, "SLSN-I": 4200.0}

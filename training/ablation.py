@@ -50,9 +50,10 @@ __all__ = ["Variant", "VARIANTS", "input_configs", "run_ablation", "winner_overr
 # The inputs a variant can read, each one ``prepare`` configuration of the same simulated observation (on the
 # preset's grid). The rest-frame grid starts at 2500 A: SEDM's blue end (3777 A) at z = 0.5 lands at 2518 A.
 def input_configs(n_bins: int) -> dict[str, PreprocessConfig]:
+    observed = PreprocessConfig().grid  # streamer's default range, 3500-10000 A
     return {
-        "observed-continuum": PreprocessConfig(grid=Grid(3500.0, 10000.0, n_bins), normalisation="continuum"),
-        "observed-robust": PreprocessConfig(grid=Grid(3500.0, 10000.0, n_bins), normalisation="robust"),
+        "observed-continuum": PreprocessConfig(grid=replace(observed, n_bins=n_bins), normalisation="continuum"),
+        "observed-robust": PreprocessConfig(grid=replace(observed, n_bins=n_bins), normalisation="robust"),
         "rest-continuum": PreprocessConfig(grid=Grid(2500.0, 10000.0, n_bins), normalisation="continuum",
                                            to_rest_frame=True),
     }

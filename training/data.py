@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.errors import SpectraNetError
-from streamer.preprocess import to_angstrom
+from streamer.preprocess import PreprocessConfig, to_angstrom
 from streamer.readers import read_spectrum
 from streamer.taxonomy import CLASSES, map_label
 
@@ -44,7 +44,7 @@ __all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manif
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GALAXY_SOURCE = "galaxies"
 _MIN_GRID_OVERLAP_AA = 1500.0  # a usable spectrum covers at least this much of 3500-10000 A at its own redshift
-_GRID = (3500.0, 10000.0)
+_GRID = (PreprocessConfig().grid.wave_min, PreprocessConfig().grid.wave_max)  # the model's wavelength range
 _VARIANCE_RATIO = 1e-6
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from streamer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamer.model import PRESETS, SpectraNet
-from streamer.preprocess import Grid, PreprocessConfig
+from streamer.preprocess import PreprocessConfig
 from streamer.taxonomy import CLASSES, TAXONOMY_VERSION
 
 __all__ = ["export_untrained", "export_trained"]
@@ -27,7 +28,7 @@ def export_untrained(out_dir: Path, *, preset: str = "default", seed: int = 0, v
     torch.manual_seed(seed)
     config = PRESETS[preset]
     model = SpectraNet(config)
-    preprocess = PreprocessConfig(grid=Grid(3500.0, 10000.0, config.n_bins))
+    preprocess = PreprocessConfig(grid=replace(PreprocessConfig().grid, n_bins=config.n_bins))
     name = "spectranet-sedm"
     return save_checkpoint(model, out_dir / f"{name}-{version}", name=name, version=version, taxonomy=CLASSES,
                            preprocess=preprocess,

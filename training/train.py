@@ -48,14 +48,14 @@ from tqdm import tqdm
 from streamer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamer.errors import ConfigError, PreprocessError
 from streamer.model import PRESETS, ModelConfig, SpectraNet, count_parameters
-from streamer.preprocess import Grid, PreprocessConfig
+from streamer.preprocess import PreprocessConfig
 from streamer.taxonomy import CLASSES, TAXONOMY_VERSION
 from training import metrics as M
 from training.data import Spectrum, counts_table, load_galaxies, load_pack, load_spectra, read_manifest, split_by_object
 from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
 from training.simulate import SEDM_DEFAULT, simulate_input
 
-_GRID = (3500.0, 10000.0)  # the model's wavelength range (vacuum A), log-uniform in model_config().n_bins bins
+_RANGE = PreprocessConfig().grid  # the model's wavelength range (streamer's default grid); bins follow the preset
 
 __all__ = ["TrainConfig", "train", "load_split", "simulate_set", "predict", "val_metrics", "model_config",
            "schedule_step", "parse_overrides", "ema_update", "main"]
@@ -257,7 +257,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     overrides: dict[str, Any] = {k: v for k, v in (("pooling", cfg.pooling), ("norm", cfg.norm)) if v}
     if cfg.two_networks:
         overrides.update(two_networks=True, rest_bins=preset.n_bins * 3 // 2,
-                         log_step=math.log(_GRID[1] / _GRID[0]) / preset.n_bins)
+                         log_step=math.log(_RANGE.wave_max / _RANGE.wave_min) / preset.n_bins)
     return replace(preset, **overrides)
 
 
@@ -310,7 +310,7 @@ def train(cfg: TrainConfig) -> Checkpoint:
 
     # data: object-held-out split, SEDM simulation through the inference preprocessing
     model_cfg = model_config(cfg)
-    preprocess = PreprocessConfig(grid=Grid(*_GRID, model_cfg.n_bins), normalisation=cfg.normalisation)
+    preprocess = PreprocessConfig(grid=replace(_RANGE, n_bins=model_cfg.n_bins), normalisation=cfg.normalisation)
     train_spectra, val_spectra, galaxies, summary = load_split(cfg)
     if main_proc:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("train", "val")}))
