@@ -1,5 +1,5 @@
 """End to end through real Apache Kafka and PostgreSQL, with the daemon as it is deployed: a subprocess
-``python -m streamer.cli run`` configured by SPECTRANET_* environment variables.
+``python -m spectranet.streamer.cli run`` configured by SPECTRANET_* environment variables.
 
 Every figure is read from the output topic, which is created with ``message.timestamp.type=LogAppendTime``: the
 broker stamps each annotated packet when it arrives there. A watcher thread in this process reads that topic and
@@ -30,12 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from common import ROOT, load, percentile
-
 from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-
-from streamer import db
-from streamer.codec import Codec
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.runtime import db
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -104,11 +102,11 @@ class OutputWatcher:
 
 
 class DaemonProcess:
-    """``python -m streamer.cli run`` as a subprocess; its peak RSS is sampled from /proc until it exits."""
+    """``python -m spectranet.streamer.cli run`` as a subprocess; its peak RSS is sampled from /proc until it exits."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", "--idle-timeout", "900"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "spectranet.streamer.cli", "run", "--idle-timeout", "900"],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.peak_kb = 0
         self._terminated = False

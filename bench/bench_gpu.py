@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from streamer.checkpoint import Checkpoint  # noqa: E402
-from streamer.engine import InferenceEngine  # noqa: E402
-from streamer.model import PRESETS, SpectraNet, count_flops  # noqa: E402
-from streamer.preprocess import Grid, PreprocessConfig  # noqa: E402
-from streamer.taxonomy import CLASSES  # noqa: E402
+from spectranet.streamer.science.checkpoint import Checkpoint  # noqa: E402
+from spectranet.streamer.science.inference import InferenceEngine  # noqa: E402
+from spectranet.streamer.science.model import PRESETS, SpectraNet, count_flops  # noqa: E402
+from spectranet.streamer.science.preprocess import Grid, PreprocessConfig  # noqa: E402
+from spectranet.streamer.science.taxonomy import CLASSES  # noqa: E402
 
 BATCHES = {"default": (64, 256, 1024, 4096), "paper": (16, 64, 256)}
 

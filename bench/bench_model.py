@@ -14,16 +14,14 @@ import json
 import time
 from typing import Any
 
-from common import ROOT, load, machine, percentile
-
 import numpy as np
 import torch
-
-from streamer.checkpoint import Checkpoint, load_checkpoint
-from streamer.engine import InferenceEngine
-from streamer.model import PRESETS, ModelConfig, SpectraNet, count_flops, count_parameters
-from streamer.preprocess import Grid, PreprocessConfig
-from streamer.taxonomy import CLASSES
+from common import ROOT, load, machine, percentile
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.model import PRESETS, ModelConfig, SpectraNet, count_flops, count_parameters
+from spectranet.streamer.science.preprocess import Grid, PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES
 
 # "shipped": the packaged model's own architecture (since 0.2.0 the default preset as two networks)
 BATCHES = {"default": (1, 8, 32, 64, 128, 256), "shipped": (1, 8, 16, 32, 64), "paper": (1, 8)}  # 64: micro-batch

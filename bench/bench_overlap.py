@@ -24,13 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streamer.checkpoint import load_checkpoint  # noqa: E402
-from streamer.codec import Codec  # noqa: E402
-from streamer.daemon import SpectrumClassifier  # noqa: E402
-from streamer.engine import InferenceEngine  # noqa: E402
-from streamer.packets import packet_from_file  # noqa: E402
-from streamer.preprocess import Prepared  # noqa: E402
-from streamer.readers import read_spectrum  # noqa: E402
+from spectranet.streamer.contract.codec import Codec  # noqa: E402
+from spectranet.streamer.contract.readers import read_spectrum  # noqa: E402
+from spectranet.streamer.runtime.classifier import SpectrumClassifier  # noqa: E402
+from spectranet.streamer.science.checkpoint import load_checkpoint  # noqa: E402
+from spectranet.streamer.science.inference import InferenceEngine  # noqa: E402
+from spectranet.streamer.science.preprocess import Prepared  # noqa: E402
+from spectranet.streamer.tools.files import packet_from_file  # noqa: E402
 
 _WORKER: SpectrumClassifier | None = None
 

@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Producer  # noqa: E402
+from spectranet.streamer.app import build_daemon  # noqa: E402
+from spectranet.streamer.config import load_settings  # noqa: E402
+from spectranet.streamer.contract.codec import Codec  # noqa: E402
+from spectranet.streamer.contract.readers import read_spectrum  # noqa: E402
+from spectranet.streamer.runtime.kafka_io import ensure_topics  # noqa: E402
+from spectranet.streamer.tools.files import packet_from_file  # noqa: E402
 
-from streamer.app import build_daemon  # noqa: E402
-from streamer.codec import Codec  # noqa: E402
-from streamer.config import load_settings  # noqa: E402
-from streamer.kafka_io import ensure_topics  # noqa: E402
-from streamer.packets import packet_from_file  # noqa: E402
-from streamer.readers import read_spectrum  # noqa: E402
 from tests import services  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     decode      Codec("spectrum_packet").decode of the input packets
     prepare     SpectrumClassifier._prepare (contract validation + preprocess.prepare)
     infer       InferenceEngine.predict at the daemon's batch size (64) and at batch 1
-    annotate    build_annotation + result_rows
+    annotate    build_annotation + db.classification_rows
     encode      Codec("annotated_spectrum").encode (the output packet)
     db write    db.write_batch into PostgreSQL: 64-row batches (the daemon) and 1-row transactions (naive)
     produce     confluent_kafka producer with the daemon's settings, flush per 64 (daemon) and per 1 (naive)
@@ -18,17 +18,15 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from common import load, packets
-
 from confluent_kafka import Producer
-
-from streamer import db
-from streamer.annotate import Source, build_annotation, result_rows
-from streamer.checkpoint import load_checkpoint
-from streamer.codec import Codec
-from streamer.config import load_settings
-from streamer.daemon import SpectrumClassifier
-from streamer.engine import InferenceEngine
-from streamer.kafka_io import producer_config
+from spectranet.streamer.config import load_settings
+from spectranet.streamer.contract.annotate import Source, build_annotation
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import SpectrumClassifier
+from spectranet.streamer.runtime.kafka_io import producer_config
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
 
 
 def _us_per_item(fn: Callable[[], int], *, min_time: float) -> tuple[float, int]:
@@ -75,7 +73,7 @@ def run(*, quick: bool, bootstrap: str, db_url: str, topic: str) -> dict[str, An
             pk = dict(p, revision=revision)
             ann = build_annotation(pk, q, pr, clf.model, source=Source(topic, 0, i), consumed_at=now,
                                    classified_at=now)
-            out.append((ann, result_rows(pk, ann)))
+            out.append((ann, db.classification_rows(pk, ann)))
         return out
 
     rec("annotate", lambda: len(annotate()))

@@ -21,8 +21,8 @@ __all__ = ["ROOT", "SPECTRA", "base_packets", "packets", "machine", "load", "per
 
 def base_packets() -> list[dict[str, Any]]:
     """One packet per real spectrum in tests/data/spectra (200 files)."""
-    from streamer.packets import packet_from_file
-    from streamer.readers import read_spectrum
+    from spectranet.streamer.contract.readers import read_spectrum
+    from spectranet.streamer.tools.files import packet_from_file
 
     return [packet_from_file(read_spectrum(p)) for p in sorted(SPECTRA.glob("*.txt"))]
 

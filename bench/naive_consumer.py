@@ -16,17 +16,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from common import load
-
 from confluent_kafka import Consumer, Producer
-
-from streamer import db
-from streamer.annotate import Source, build_annotation, result_rows
-from streamer.checkpoint import load_checkpoint
-from streamer.codec import Codec
-from streamer.config import load_settings
-from streamer.daemon import SpectrumClassifier
-from streamer.engine import InferenceEngine
-from streamer.kafka_io import producer_config
+from spectranet.streamer.config import load_settings
+from spectranet.streamer.contract.annotate import Source, build_annotation
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import SpectrumClassifier
+from spectranet.streamer.runtime.kafka_io import producer_config
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
 
 
 def run(*, bootstrap: str, topic: str, output_topic: str, database_url: str, group: str, max_messages: int,
@@ -60,7 +58,7 @@ def run(*, bootstrap: str, topic: str, output_topic: str, database_url: str, gro
             pred = engine.predict([prepared])[0]                                       # infer one
             ann = build_annotation(packet, prepared, pred, m, source=Source(msg.topic(), msg.partition(), msg.offset()),
                                    consumed_at=consumed_at, classified_at=datetime.now(timezone.utc))
-            db.write_batch(database, [result_rows(packet, ann)])                       # insert one row, one txn
+            db.write_batch(database, [db.classification_rows(packet, ann)])                       # insert one row, one txn
             producer.produce(output_topic, key=packet["object_id"].encode(), value=out_codec.encode(ann))
             failures += producer.flush(30)                                             # produce one + flush
             consumer.commit(message=msg, asynchronous=False)                           # commit synchronously

@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from common import ROOT, base_packets, load, machine
@@ -64,11 +63,12 @@ def run(args: argparse.Namespace) -> None:
     model.pop("machine")
     save("model", {**mode, **model}, args.threads)
 
-    from tests import services
     import bench_e2e
     import bench_stages
     import naive_consumer
-    from streamer import db
+    from spectranet.streamer.runtime import db
+
+    from tests import services
 
     kafka, pg = services.start_kafka(), services.start_postgres()
     svc = {"kafka": kafka.backend, "postgres": pg.backend}
@@ -143,7 +143,7 @@ def render() -> str:
     add("")
     add("`python bench/run_all.py` regenerates this file and `bench/results/*.json` (`--quick` for a smoke run). "
         "Model-only numbers come before any service starts; the rest run against Apache Kafka and PostgreSQL "
-        "started by `tests/services.py`, with the daemon as a subprocess (`python -m streamer.cli run`, default "
+        "started by `tests/services.py`, with the daemon as a subprocess (`python -m spectranet.streamer.cli run`, default "
         "configuration: micro-batches of 64 or 1 s, pipelined). Load averages are 1 / 5 / 15 min, "
         "recorded with each figure.")
     add("")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from streamer import db
-from streamer.checkpoint import load_checkpoint
-from streamer.codec import BundledSchemas, Codec, RegistrySchemas
-from streamer.config import Settings
-from streamer.daemon import Daemon, SpectrumClassifier
-from streamer.engine import InferenceEngine
-from streamer.kafka_io import make_consumer, make_producer
-from streamer.metrics import HealthServer, Metrics
+from spectranet.streamer.config import Settings
+from spectranet.streamer.contract.codec import BundledSchemas, Codec, RegistrySchemas
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import SpectrumClassifier
+from spectranet.streamer.runtime.daemon import Daemon
+from spectranet.streamer.runtime.kafka_io import make_consumer, make_producer
+from spectranet.streamer.runtime.metrics import HealthServer, Metrics
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
 
 __all__ = ["build_daemon"]
 

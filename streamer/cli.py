@@ -17,9 +17,9 @@ log = logging.getLogger("spectranet")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from streamer.app import build_daemon
-    from streamer.config import load_settings
-    from streamer.logs import configure_logging
+    from spectranet.streamer.app import build_daemon
+    from spectranet.streamer.config import load_settings
+    from spectranet.streamer.runtime.logs import configure_logging
 
     settings = load_settings(args.config)
     configure_logging(settings.log_level, settings.log_format)
@@ -49,9 +49,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     """Reprocess the input topics from a point in time, in a separate consumer group (production is untouched)."""
     from datetime import datetime, timezone
 
-    from streamer.app import build_daemon
-    from streamer.config import load_settings
-    from streamer.logs import configure_logging
+    from spectranet.streamer.app import build_daemon
+    from spectranet.streamer.config import load_settings
+    from spectranet.streamer.runtime.logs import configure_logging
 
     since = datetime.fromisoformat(args.since)
     since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
@@ -68,13 +68,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_reprocess(args: argparse.Namespace) -> int:
-    from streamer import db
-    from streamer.checkpoint import load_checkpoint
-    from streamer.codec import Codec
-    from streamer.config import load_settings
-    from streamer.daemon import SpectrumClassifier
-    from streamer.engine import InferenceEngine
-    from streamer.reprocess import reprocess
+    from spectranet.streamer.config import load_settings
+    from spectranet.streamer.contract.codec import Codec
+    from spectranet.streamer.runtime import db
+    from spectranet.streamer.runtime.classifier import SpectrumClassifier
+    from spectranet.streamer.science.checkpoint import load_checkpoint
+    from spectranet.streamer.science.inference import InferenceEngine
+    from spectranet.streamer.tools.reprocess import reprocess
 
     settings = load_settings(args.config)
     engine = InferenceEngine(load_checkpoint(args.model), device=settings.model.device)
@@ -86,8 +86,8 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from streamer.config import load_settings
-    from streamer.produce import publish_files
+    from spectranet.streamer.config import load_settings
+    from spectranet.streamer.tools.files import publish_files
 
     kafka = load_settings(args.config).kafka  # security settings (TLS, SASL) as for the daemon
     n_ok, errors = publish_files(args.files, topic=args.topic,
@@ -102,9 +102,9 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from streamer.checkpoint import load_checkpoint
-    from streamer.classify import classify_files
-    from streamer.engine import InferenceEngine
+    from spectranet.streamer.science.checkpoint import load_checkpoint
+    from spectranet.streamer.science.inference import InferenceEngine
+    from spectranet.streamer.tools.files import classify_files
 
     engine = InferenceEngine(load_checkpoint(args.model), device=args.device)
     failed = 0
@@ -121,8 +121,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from streamer import db
-    from streamer.config import load_settings
+    from spectranet.streamer.config import load_settings
+    from spectranet.streamer.runtime import db
 
     settings = load_settings(args.config)
     db.upgrade(settings.database.url.get_secret_value(), args.revision)
@@ -131,8 +131,8 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_grant(args: argparse.Namespace) -> int:
-    from streamer import db
-    from streamer.config import load_settings
+    from spectranet.streamer.config import load_settings
+    from spectranet.streamer.runtime import db
 
     if args.print:
         print(";\n".join(db.least_privilege_grants(args.role)) + ";")
@@ -144,9 +144,9 @@ def _cmd_db_grant(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
-    from streamer import db
-    from streamer.config import load_settings
-    from streamer.dlq import list_dead_letters, replay_dead_letters
+    from spectranet.streamer.config import load_settings
+    from spectranet.streamer.runtime import db
+    from spectranet.streamer.tools.dlq import list_dead_letters, replay_dead_letters
 
     settings = load_settings(args.config)
     engine = db.create_engine(settings.database.url.get_secret_value())
@@ -164,7 +164,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streamer.demo import run_demo
+    from spectranet.streamer.tools.demo import run_demo
 
     return run_demo(output_dir=args.output)
 
@@ -232,14 +232,24 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--config", type=Path)
     q.set_defaults(func=_cmd_dlq)
 
-    from training.cli import add_subcommands as add_training_subcommands
-
-    add_training_subcommands(sub)
+    _add_plugin_subcommands(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on embedded defaults (tansu broker, SQLite, shipped model)")
     p.add_argument("--output", type=Path, default=Path("spectranet-demo"))
     p.set_defaults(func=_cmd_demo)
     return ap
+
+
+def _add_plugin_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Subcommands registered in the ``spectranet.commands`` entry-point group (``spectranet train``, ``evaluate``
+    and ``pack`` come from the training package this way): the daemon's CLI never imports them by name."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="spectranet.commands"):
+        try:
+            ep.load()(sub)
+        except ImportError as exc:  # the [train] extra is not installed: its commands are simply absent
+            logging.getLogger(__name__).debug("subcommands %s not available: %s", ep.name, exc)
 
 
 def main(argv: list[str] | None = None) -> int:

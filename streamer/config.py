@@ -27,8 +27,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
-
-from streamer.errors import ConfigError
+from spectranet.streamer.errors import ConfigError
 
 __all__ = ["Settings", "KafkaSettings", "DatabaseSettings", "ModelSettings", "BatchSettings", "MetricsSettings",
            "load_settings"]

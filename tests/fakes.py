@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
-
-from streamer.reprocess import StoredMessage
+from spectranet.streamer.runtime.classifier import StoredMessage
 
 FakeMessage = StoredMessage  # the same in-memory message the reprocess command uses
 

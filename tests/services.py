@@ -40,10 +40,9 @@ from typing import NamedTuple
 
 import psycopg
 from psycopg import sql
+from spectranet.streamer.errors import InfrastructureError
+from spectranet.streamer.tools.embedded import find_tansu_binary, free_port, start_tansu, terminate, wait_for_kafka
 from sqlalchemy.engine import make_url
-
-from streamer.embedded import find_tansu_binary, free_port, start_tansu, terminate, wait_for_kafka
-from streamer.errors import InfrastructureError
 
 __all__ = [
     "KAFKA_VERSION",

@@ -1,4 +1,4 @@
-"""Tests of streamer.checkpoint: round trip, hash and version refusals, missing files, choosing the newest model."""
+"""Tests of spectranet.streamer.science.checkpoint: round trip, hash and version refusals, missing files, choosing the newest model."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from streamer.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
-from streamer.errors import CheckpointError
-from streamer.model import ModelConfig, SpectraNet
-from streamer.preprocess import SUPPORTED_PREPROCESS_VERSIONS, Grid, PreprocessConfig
-from streamer.taxonomy import CLASSES
+from spectranet.streamer.errors import CheckpointError
+from spectranet.streamer.science.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.model import ModelConfig, SpectraNet
+from spectranet.streamer.science.preprocess import SUPPORTED_PREPROCESS_VERSIONS, Grid, PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES
 
 TINY = ModelConfig(n_bins=64, widths=(8, 16), kernels=((7, 5, 3), (5, 3, 1)), hidden=16)
 PREPROCESS = PreprocessConfig(grid=Grid(3500.0, 10000.0, 64), normalisation="continuum")

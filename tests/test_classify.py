@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from streamer.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
-from streamer.classify import classify_files
-from streamer.engine import InferenceEngine
-from streamer.model import ModelConfig, SpectraNet
-from streamer.preprocess import Grid, PreprocessConfig
-from streamer.readers import FORMATS, sniff_format
-from streamer.taxonomy import CLASSES
+from spectranet.streamer.contract.readers import FORMATS, sniff_format
+from spectranet.streamer.science.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.model import ModelConfig, SpectraNet
+from spectranet.streamer.science.preprocess import PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.streamer.tools.files import classify_files
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT_FIXTURES = sorted(f"tests/data/formats/{p.name}" for p in (ROOT / "tests/data/formats").iterdir()
@@ -30,7 +29,7 @@ RESULT_KEYS = {"file", "top_class", "probabilities", "redshift", "redshift_err",
 
 
 def _classify(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streamer.cli", "classify", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "spectranet.streamer.cli", "classify", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

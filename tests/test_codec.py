@@ -11,10 +11,9 @@ from pathlib import Path
 
 import fastavro
 import pytest
-
-import spectranet_schemas as schemas
-from streamer.codec import BundledSchemas, Codec, sniff_framing
-from streamer.errors import DecodeError
+import spectranet.schemas as schemas
+from spectranet.streamer.contract.codec import BundledSchemas, Codec, sniff_framing
+from spectranet.streamer.errors import DecodeError
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 FRAMINGS = ("schemaless", "confluent", "container")

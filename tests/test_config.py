@@ -6,9 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
-from streamer.config import load_settings
-from streamer.errors import ConfigError
+from spectranet.streamer.config import load_settings
+from spectranet.streamer.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

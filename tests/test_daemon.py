@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import SpectrumClassifier
+from spectranet.streamer.runtime.daemon import Daemon
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.tools.files import packet_from_file
 
-from streamer import db
-from streamer.checkpoint import load_checkpoint
-from streamer.codec import Codec
-from streamer.daemon import Daemon, SpectrumClassifier
-from streamer.engine import InferenceEngine
-from streamer.packets import packet_from_file
-from streamer.readers import read_spectrum
 from tests.fakes import FakeConsumer, FakeMessage, FakeProducer
 
 DATA = Path(__file__).parent / "data" / "spectra"

@@ -1,6 +1,6 @@
 """The daemon's delivery guarantee on real services (issue 5, "Done means"): Apache Kafka and PostgreSQL.
 
-Each test drives the real daemon (in a thread, or as ``python -m streamer.cli run`` when the test must kill or signal
+Each test drives the real daemon (in a thread, or as ``python -m spectranet.streamer.cli run`` when the test must kill or signal
 it) and then checks the effects independently of the daemon's own bookkeeping: rows in PostgreSQL, messages on the
 output and dead-letter topics, and the group's committed offsets against the end of each partition.
 
@@ -31,19 +31,19 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from confluent_kafka import Consumer, Producer, TopicPartition
+from spectranet.streamer.app import build_daemon
+from spectranet.streamer.config import Settings, load_settings
+from spectranet.streamer.contract.annotate import annotation_id
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.daemon import Daemon
+from spectranet.streamer.runtime.kafka_io import ensure_topics
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.tools.dlq import replay_dead_letters
+from spectranet.streamer.tools.files import packet_from_file
 from sqlalchemy.engine import make_url
 
-from streamer import db
-from streamer.annotate import annotation_id
-from streamer.app import build_daemon
-from streamer.codec import Codec
-from streamer.config import Settings, load_settings
-from streamer.daemon import Daemon
-from streamer.dlq import replay_dead_letters
-from streamer.kafka_io import ensure_topics
-from streamer.packets import packet_from_file
-from streamer.checkpoint import load_checkpoint
-from streamer.readers import read_spectrum
 from tests import services
 from tests.netproxy import TcpProxy
 
@@ -344,12 +344,12 @@ class DaemonThread:
 
 
 class DaemonProcess:
-    """``python -m streamer.cli run`` with its log in a file; terminated in ``close`` if still running."""
+    """``python -m spectranet.streamer.cli run`` with its log in a file; terminated in ``close`` if still running."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "spectranet.streamer.cli", "run", *args], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, text=True)
 
     def log(self) -> str:
@@ -516,7 +516,7 @@ def test_malformed_packets_are_dead_lettered_and_the_daemon_carries_on(malformed
 
 def test_dead_letters_list_and_replay(malformed_run: MalformedRun, tmp_path: Path) -> None:
     setup = malformed_run.setup
-    listing = subprocess.run([sys.executable, "-m", "streamer.cli", "dlq", "list", "--limit", "500"],
+    listing = subprocess.run([sys.executable, "-m", "spectranet.streamer.cli", "dlq", "list", "--limit", "500"],
                              env=setup.env(), capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr[-3000:]
     assert "100 dead letters shown" in listing.stdout
@@ -585,7 +585,7 @@ class Assignments(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.held: dict[str, set[str]] = {}
-        self._daemon_log = logging.getLogger("streamer.daemon")
+        self._daemon_log = logging.getLogger("spectranet.streamer.runtime.daemon")
 
     def emit(self, record: logging.LogRecord) -> None:
         verb, _, rest = record.getMessage().partition(" ")
@@ -687,7 +687,7 @@ def test_sigterm_during_a_batch_finishes_it_and_never_half_writes(setup: Setup, 
 
 
 def test_views_answer_latest_per_object_and_class_changes_between_models(setup: Setup, tmp_path: Path) -> None:
-    from training.export import export_untrained
+    from spectranet.training.export import export_untrained
 
     setup.create_topics()
     packets = good_packets(400)[::10]  # 40 spectra: 20 base spectra, two variants of each

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from streamer.demo import SQL_EXAMPLES, sample_paths
-from streamer.packets import packet_from_file
-from streamer.readers import read_spectrum
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.tools.demo import SQL_EXAMPLES, sample_paths
+from spectranet.streamer.tools.files import packet_from_file
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +26,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Completed
     # Embedded defaults only: no configured broker, database, config file or raw Kafka client properties.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECTRANET_", "KAFKA_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "streamer.cli", "demo", "--output", str(out)], cwd=out.parent,
+    proc = subprocess.run([sys.executable, "-m", "spectranet.streamer.cli", "demo", "--output", str(out)], cwd=out.parent,
                           env=env, capture_output=True, text=True, timeout=300)
     return proc, out
 

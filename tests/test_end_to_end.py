@@ -15,15 +15,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from confluent_kafka import Consumer, TopicPartition
-
-from streamer import db
-from streamer.app import build_daemon
-from streamer.codec import Codec
-from streamer.config import load_settings
-from streamer.kafka_io import ensure_topics
-from streamer.packets import packet_from_file
-from streamer.produce import publish_files
-from streamer.readers import read_spectrum
+from spectranet.streamer.app import build_daemon
+from spectranet.streamer.config import load_settings
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.kafka_io import ensure_topics
+from spectranet.streamer.tools.files import packet_from_file, publish_files
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +132,7 @@ def test_cli_smoke_on_tansu(tansu, tmp_path, topic_prefix) -> None:
     settings = load_settings(kafka={"bootstrap_servers": tansu.bootstrap_servers,
                                     "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out"})
     ensure_topics(settings.kafka, [f"{topic_prefix}-in", f"{topic_prefix}-out", f"{topic_prefix}-in.dlq"])
-    cli = [sys.executable, "-m", "streamer.cli"]
+    cli = [sys.executable, "-m", "spectranet.streamer.cli"]
     subprocess.run([*cli, "produce", *paths, "--topic", f"{topic_prefix}-in",
                     "--bootstrap-servers", tansu.bootstrap_servers], check=True, env=env, timeout=120)
     run = subprocess.run([*cli, "run", "--max-messages", "20", "--idle-timeout", "60"], env=env, timeout=180,

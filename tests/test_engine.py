@@ -1,4 +1,4 @@
-"""Tests of streamer.engine: well-formed predictions, batching, device selection, out-of-memory halving, GPU parity."""
+"""Tests of spectranet.streamer.science.inference: well-formed predictions, batching, device selection, out-of-memory halving, GPU parity."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from streamer.checkpoint import Checkpoint
-from streamer.engine import InferenceEngine, select_device
-from streamer.errors import ConfigError
-from streamer.model import ModelConfig, ModelOutput, SpectraNet
-from streamer.preprocess import Grid, PreprocessConfig, Prepared, prepare
-from streamer.readers import read_spectrum
-from streamer.taxonomy import CLASSES
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.errors import ConfigError
+from spectranet.streamer.science.checkpoint import Checkpoint
+from spectranet.streamer.science.inference import InferenceEngine, select_device
+from spectranet.streamer.science.model import ModelConfig, ModelOutput, SpectraNet
+from spectranet.streamer.science.preprocess import Grid, Prepared, PreprocessConfig, prepare
+from spectranet.streamer.science.taxonomy import CLASSES
 
 SPECTRA = Path(__file__).parent / "data" / "spectra"
 TINY = ModelConfig(n_bins=128, widths=(8, 16, 16), kernels=((9, 5, 3), (5, 3, 1), (3, 3, 1)), hidden=16)
@@ -171,7 +170,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(checkpoint, monkeypatc
     engine = InferenceEngine(checkpoint, device="cpu", max_batch_size=8, warmup=False)
     sizes: list[int] = []
     _spy_on_forward(monkeypatch, engine.model, sizes, fail_above=2)
-    with caplog.at_level(logging.WARNING, logger="streamer.engine"):
+    with caplog.at_level(logging.WARNING, logger="spectranet.streamer.science.inference"):
         preds = engine.predict_arrays(x)
     assert engine.max_batch_size == 2  # 8 -> 4 -> 2, and it stays there for later calls
     assert sizes == [2, 2, 2, 2, 2]

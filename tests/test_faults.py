@@ -38,12 +38,12 @@ import sqlalchemy as sa
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
+from spectranet.streamer.app import build_daemon
+from spectranet.streamer.config import Settings
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.kafka_io import ensure_topics
 from sqlalchemy.engine import make_url
 
-from streamer import db
-from streamer.app import build_daemon
-from streamer.config import Settings
-from streamer.kafka_io import ensure_topics
 from tests import services
 from tests.test_codec import _evolved_schema
 from tests.test_delivery import (

@@ -8,7 +8,6 @@ Hypothesis generates (a) arbitrary bytes in every framing, (b) valid packets wit
 from __future__ import annotations
 
 import math
-import struct
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,14 +15,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.packets import Limits
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.errors import PacketError
+from spectranet.streamer.runtime.classifier import SpectrumClassifier
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.tools.files import packet_from_file
 
-from streamer.checkpoint import load_checkpoint
-from streamer.codec import Codec
-from streamer.daemon import SpectrumClassifier
-from streamer.engine import InferenceEngine
-from streamer.errors import PacketError
-from streamer.packets import Limits, packet_from_file
-from streamer.readers import read_spectrum
 from tests.fakes import FakeMessage
 
 CODEC = Codec("spectrum_packet", max_message_bytes=256 * 1024)

@@ -17,14 +17,14 @@ import sqlalchemy as sa
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from prometheus_client import generate_latest
+from spectranet.streamer.app import build_daemon
+from spectranet.streamer.config import Settings, load_settings
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.daemon import Daemon
+from spectranet.streamer.runtime.kafka_io import ensure_topics
+from spectranet.streamer.tools.files import publish_files
 
-from streamer import db
-from streamer.app import build_daemon
-from streamer.codec import Codec
-from streamer.config import Settings, load_settings
-from streamer.daemon import Daemon
-from streamer.kafka_io import ensure_topics
-from streamer.produce import publish_files
 from tests.services import SecureKafkaService
 from tests.test_end_to_end import GOOD, _drain, _expected_ids
 

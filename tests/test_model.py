@@ -1,4 +1,4 @@
-"""Tests of streamer.model: both presets build and train, the config validates and round-trips, CPU determinism,
+"""Tests of spectranet.streamer.science.model: both presets build and train, the config validates and round-trips, CPU determinism,
 and parameter and FLOP counts checked against counts worked out from the architecture by hand."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-
-from streamer.model import (
+from spectranet.streamer.science.model import (
     DEFAULT_PRESET,
     PRESETS,
     ModelConfig,

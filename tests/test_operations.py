@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import SpectrumClassifier
+from spectranet.streamer.runtime.logs import JsonFormatter
+from spectranet.streamer.runtime.metrics import HealthServer, Metrics
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
 
-from streamer import db
-from streamer.checkpoint import load_checkpoint
-from streamer.codec import Codec
-from streamer.daemon import SpectrumClassifier
-from streamer.engine import InferenceEngine
-from streamer.logs import JsonFormatter
-from streamer.metrics import HealthServer, Metrics
 from tests.fakes import FakeConsumer, FakeProducer
-from tests.test_daemon import IN, _daemon, _messages
+from tests.test_daemon import _daemon, _messages
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +151,8 @@ def test_json_logs_are_one_object_per_line() -> None:
 
 
 def test_reprocess_with_another_model_keeps_earlier_rows(engine, tmp_path: Path) -> None:
-    from training.export import export_untrained
-
-    from streamer.reprocess import reprocess
+    from spectranet.streamer.tools.reprocess import reprocess
+    from spectranet.training.export import export_untrained
 
     url = f"sqlite:///{tmp_path / 'r.sqlite'}"
     db.upgrade(url)

@@ -1,4 +1,4 @@
-"""Tests of streamer.preprocess: each step alone, properties with hypothesis, and prepare() end to end.
+"""Tests of spectranet.streamer.science.preprocess: each step alone, properties with hypothesis, and prepare() end to end.
 
 Expected values come from physics (c / lambda^2, Morton's refractive index, line lists), from astropy, or from
 brute-force reference implementations written here, never from the module's own output.
@@ -16,9 +16,7 @@ from astropy import units as u
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-from streamer import preprocess as pp
-from streamer.errors import (
+from spectranet.streamer.errors import (
     ConfigError,
     LengthMismatchError,
     NonPositiveWavelengthError,
@@ -27,7 +25,8 @@ from streamer.errors import (
     TooFewPixelsError,
     UnitError,
 )
-from streamer.preprocess import (
+from spectranet.streamer.science import preprocess as pp
+from spectranet.streamer.science.preprocess import (
     Grid,
     PreprocessConfig,
     air_to_vacuum,

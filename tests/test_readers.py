@@ -1,4 +1,4 @@
-"""Tests for ``streamer.readers``: every format against its source numbers, SNID cards ignored, bad files rejected.
+"""Tests for ``spectranet.streamer.contract.readers``: every format against its source numbers, SNID cards ignored, bad files rejected.
 
 Expected values come from the source text files (parsed here with ``numpy.loadtxt``) and from
 ``tests/data/spectra/MANIFEST.csv``, never from the reader itself.
@@ -14,9 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-
-from streamer.errors import SpectrumFileError
-from streamer.readers import CALIBRATED_FLUX_UNIT, FORMATS, SpectrumFile, read_spectrum, sniff_format
+from spectranet.streamer.contract.readers import (
+    CALIBRATED_FLUX_UNIT,
+    FORMATS,
+    SpectrumFile,
+    read_spectrum,
+    sniff_format,
+)
+from spectranet.streamer.errors import SpectrumFileError
 
 DATA = Path(__file__).parent / "data"
 SPECTRA = DATA / "spectra"

@@ -1,17 +1,17 @@
-"""docs/schemas.md is generated from the .avsc files (``python -m spectranet_schemas.docs``), never written by hand."""
+"""docs/schemas.md is generated from the .avsc files (``python -m spectranet.schemas.docs``), never written by hand."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from spectranet_schemas import ANNOTATED_SPECTRUM, SPECTRUM_PACKET, raw_schema, versions
-from spectranet_schemas.docs import render
+from spectranet.schemas import ANNOTATED_SPECTRUM, SPECTRUM_PACKET, raw_schema, versions
+from spectranet.schemas.docs import render
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas.md"
 
 
 def test_committed_docs_equal_generated_output() -> None:
-    assert DOCS.read_text() == render(), "docs/schemas.md is stale: python -m spectranet_schemas.docs > docs/schemas.md"
+    assert DOCS.read_text() == render(), "docs/schemas.md is stale: python -m spectranet.schemas.docs > docs/schemas.md"
 
 
 def _records(t: object) -> list[dict]:

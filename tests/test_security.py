@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from spectranet.streamer.app import build_daemon
+from spectranet.streamer.config import load_settings
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.kafka_io import ensure_topics
+from spectranet.streamer.tools.files import publish_files
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 
-from streamer import db
-from streamer.app import build_daemon
-from streamer.config import load_settings
-from streamer.kafka_io import ensure_topics
-from streamer.produce import publish_files
 from tests import services
 from tests.test_end_to_end import GOOD
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from streamer.preprocess import PreprocessConfig
-from training.data import Spectrum
-from training.simulate import SEDM_DEFAULT, apply_lsf, sedm_pixels, simulate_input, simulate_sedm
+from spectranet.streamer.science.preprocess import PreprocessConfig
+from spectranet.training.data import Spectrum
+from spectranet.training.simulate import SEDM_DEFAULT, apply_lsf, sedm_pixels, simulate_input, simulate_sedm
 
 
 def _template(label: str = "Ia", redshift: float = 0.0) -> Spectrum:

@@ -1,4 +1,4 @@
-"""Tests of streamer.taxonomy: the issue's mapping examples, ambiguity rules, and every label in the shared data."""
+"""Tests of spectranet.streamer.science.taxonomy: the issue's mapping examples, ambiguity rules, and every label in the shared data."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from streamer.taxonomy import CLASSES, map_label
+from spectranet.streamer.science.taxonomy import CLASSES, map_label
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "manifest.csv"
 

@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from streamer.checkpoint import load_checkpoint
-from streamer.engine import InferenceEngine
-from streamer.errors import ConfigError
-from streamer.preprocess import prepare
-from streamer.taxonomy import CLASSES
-from training import metrics as M
-from training.ablation import Variant, run_ablation, winner_overrides
-from training.data import load_galaxies, load_spectra, read_manifest, save_pack
-from training.evaluate import evaluate
-from training.train import TrainConfig, load_split, simulate_set, train
+from spectranet.streamer.errors import ConfigError
+from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.preprocess import prepare
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.training import metrics as M
+from spectranet.training.ablation import Variant, run_ablation, winner_overrides
+from spectranet.training.data import load_galaxies, load_spectra, read_manifest, save_pack
+from spectranet.training.evaluate import evaluate
+from spectranet.training.train import TrainConfig, load_split, simulate_set, train
 
 _LINES = {"Ia": 6150.0, "II": 6563.0, "Ic": 7774.0, "SLSN-I": 4200.0}
 

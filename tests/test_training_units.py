@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from streamer.errors import ConfigError
-from streamer.model import PRESETS, SpectraNet
-from streamer.taxonomy import CLASSES
-from training import metrics as M
-from training.data import Spectrum, canonical_object, load_pack, read_flux_err, read_lnw, save_pack, split_by_object
-from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
-from training.train import TrainConfig, classifier_z, ema_update, model_config, parse_overrides
+from spectranet.streamer.contract.readers import flux_err_as_sigma
+from spectranet.streamer.errors import ConfigError
+from spectranet.streamer.science.model import PRESETS, SpectraNet
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.training import metrics as M
+from spectranet.training.data import Spectrum, canonical_object, load_pack, read_lnw, save_pack, split_by_object
+from spectranet.training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
+from spectranet.training.train import TrainConfig, classifier_z, ema_update, model_config, parse_overrides
 
 # ------------------------------------------------------------------------------------------------------------ losses
 
@@ -141,8 +141,8 @@ def test_canonical_object_names_meet_across_sources():
 
 def test_variance_column_is_square_rooted():
     flux = np.full(10, 2e-15)
-    assert read_flux_err(flux, np.full(10, 4e-32)) == pytest.approx(np.full(10, 2e-16))
-    assert read_flux_err(flux, np.full(10, 1e-16)) == pytest.approx(np.full(10, 1e-16))
+    assert flux_err_as_sigma(flux, np.full(10, 4e-32)) == pytest.approx(np.full(10, 2e-16))
+    assert flux_err_as_sigma(flux, np.full(10, 1e-16)) == pytest.approx(np.full(10, 1e-16))
 
 
 def test_read_lnw(tmp_path):

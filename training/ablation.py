@@ -1,4 +1,4 @@
-"""Compare model variants on identical simulated batches: ``python -m training.ablation --config FILE``.
+"""Compare model variants on identical simulated batches: ``python -m spectranet.training.ablation --config FILE``.
 
 Issues 3 and 4 leave three design choices to validation: max-pooling or the reference's multi-scale pooling (max,
 average and min concatenated); one multi-task network on observer-frame input, or the paper's two networks (a
@@ -8,7 +8,7 @@ the paper's channel-wise LayerNorm against BatchNorm, because the LayerNorm netw
 BatchNorm takes. Every variant here trains for the same steps on the *same* batches (one simulated SEDM
 observation feeds each variant's input), so differences between them are the variants', not the draws'. The
 score is validation macro-F1 of the EMA weights, on the validation split simulated once with a fixed seed.
-``training.train`` then trains the winner.
+``spectranet.training.train`` then trains the winner.
 
 Written to ``out_dir``: ``ablation.json`` (per variant: history, final validation metrics, parameters) and the
 ranking on stdout.
@@ -26,15 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from streamer.errors import PreprocessError
-from streamer.model import PRESETS, SpectraNet, count_parameters
-from streamer.preprocess import Grid, PreprocessConfig
-from streamer.taxonomy import CLASSES
-from training.data import Spectrum
-from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
-from training.simulate import SEDM_DEFAULT, Simulated, simulate_sedm, to_model_input
-from training.train import (
+from spectranet.streamer.errors import PreprocessError
+from spectranet.streamer.science.model import PRESETS, SpectraNet, count_parameters
+from spectranet.streamer.science.preprocess import Grid, PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.training.data import Spectrum
+from spectranet.training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
+from spectranet.training.simulate import SEDM_DEFAULT, Simulated, simulate_sedm, to_model_input
+from spectranet.training.train import (
     TrainConfig,
     batch_keys,
     ema_update,
@@ -266,10 +265,10 @@ def run_ablation(cfg: TrainConfig, variants: tuple[Variant, ...] = VARIANTS) -> 
 
 
 def winner_overrides(report: dict) -> dict[str, Any]:
-    """Training-config keys (``training.train``) for the best-ranked variant.
+    """Training-config keys (``spectranet.training.train``) for the best-ranked variant.
 
     A two-network winner is trained as ``two_networks: true``: the daemon's model then shifts its observed-frame
-    input to the rest frame of its own redshift on the log grid (``streamer.model.rest_frame_view``) instead of
+    input to the rest frame of its own redshift on the log grid (``spectranet.streamer.science.model.rest_frame_view``) instead of
     preprocessing the spectrum again at that redshift as this ablation does; the shipped model's own validation
     numbers measure that implementation.
     """

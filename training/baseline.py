@@ -1,7 +1,7 @@
 """A SNID-style template matcher: the baseline SpectraNet has to beat, run on exactly the same inputs.
 
 Like SNID (Blondin & Tonry 2007): spectra on a log-wavelength grid, so a redshift is a shift; continuum removed and
-edges apodised (``streamer.preprocess.remove_continuum``); every template is cross-correlated with the input over all
+edges apodised (``spectranet.streamer.science.preprocess.remove_continuum``); every template is cross-correlated with the input over all
 redshifts 0..z_max at once with FFTs; the score of a (template, z) pair is the overlap-normalised correlation
 coefficient times the overlap fraction (SNID's r x lap, with r the plain correlation coefficient rather than SNID's
 peak-height ratio). The best-scoring template gives the type and the redshift.
@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
-
-from streamer.errors import PreprocessError
-from streamer.preprocess import Grid, PreprocessConfig, prepare
-from streamer.taxonomy import CLASSES
-from training.data import Spectrum
-from training.simulate import apply_lsf
+from spectranet.streamer.errors import PreprocessError
+from spectranet.streamer.science.preprocess import Grid, PreprocessConfig, prepare
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.training.data import Spectrum
+from spectranet.training.simulate import apply_lsf
 
 __all__ = ["TemplateBank", "build_bank", "match"]
 

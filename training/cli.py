@@ -1,10 +1,10 @@
-"""``spectranet train`` and ``spectranet evaluate``: registered on the main command by ``streamer.cli``."""
+"""``spectranet train`` and ``spectranet evaluate``: registered on the main command by ``spectranet.streamer.cli``."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_subcommands"]
+__all__ = ["add_subcommands", "main"]
 
 
 def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -34,15 +34,15 @@ def add_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, parse_overrides, train
+    from spectranet.training.train import TrainConfig, parse_overrides, train
 
     train(TrainConfig.from_yaml(args.config, **parse_overrides(args.set)))
     return 0
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from training.data import save_pack
-    from training.train import TrainConfig, load_split
+    from spectranet.training.data import save_pack
+    from spectranet.training.train import TrainConfig, load_split
 
     train, val, galaxies, summary = load_split(TrainConfig.from_yaml(args.config))
     save_pack(args.out, train=train, val=val, galaxies=galaxies, summary=summary)
@@ -53,9 +53,24 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from training.evaluate import evaluate
+    from spectranet.training.evaluate import evaluate
 
     report = evaluate(model=args.model, manifest=args.manifest, data_manifest=args.data_manifest, out_dir=args.out,
                       baseline=not args.no_baseline, max_templates=args.max_templates)
     print(json.dumps(report["summary"], indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spectranet-train {train,pack,evaluate} ...``: the training commands without the daemon's CLI."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="spectranet-train", description=__doc__.splitlines()[0])
+    add_subcommands(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

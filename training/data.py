@@ -1,7 +1,7 @@
 """Labelled spectra for training and evaluation: read a manifest, map labels, split by object.
 
 Every source in ``../shared/data/manifest.csv`` is read into one ``Spectrum`` per epoch, in the *rest frame*, with a
-continuum-like flux (positive, median 1): the simulator (``training.simulate``) then redshifts it to a drawn z and
+continuum-like flux (positive, median 1): the simulator (``spectranet.training.simulate``) then redshifts it to a drawn z and
 degrades it to SEDM. Two quirks of the data are handled here, once:
 
 - SNID ``.lnw`` templates hold several epochs per file, continuum-flattened (flux / continuum - 1) and zero-padded
@@ -11,12 +11,12 @@ degrades it to SEDM. Two quirks of the data are handled here, once:
   a ``flux_err`` whose median is below 1e-6 of the median |flux| is read as a variance and square-rooted.
 
 Spectra that do not reach the model grid at their own redshift (HST files at 0-40 A, IR-only spectra) are dropped,
-and so are labels that ``streamer.taxonomy.map_label`` calls ambiguous. ``split_by_object`` assigns whole objects
+and so are labels that ``spectranet.streamer.science.taxonomy.map_label`` calls ambiguous. ``split_by_object`` assigns whole objects
 (names canonicalised across sources: ``SN 2011fe`` = ``sn2011fe`` = ``2011fe``) to train or validation, stratified by
 class with a fixed seed, so no object ever has spectra on both sides.
 
 Users point ``load_manifest`` at their own CSV (``path, type, redshift[, phase]``) of files in any format that
-``streamer.readers.read_spectrum`` knows.
+``spectranet.streamer.contract.readers.read_spectrum`` knows.
 """
 
 from __future__ import annotations
@@ -31,21 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from streamer.errors import SpectraNetError
-from streamer.preprocess import PreprocessConfig, to_angstrom
-from streamer.readers import read_spectrum
-from streamer.taxonomy import CLASSES, map_label
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.errors import SpectraNetError
+from spectranet.streamer.science.preprocess import PreprocessConfig, to_angstrom
+from spectranet.streamer.science.taxonomy import CLASSES, map_label
 
 __all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manifest", "load_manifest", "read_lnw",
-           "load_spectra", "load_galaxies", "read_flux_err", "canonical_object", "split_by_object", "counts_table",
+           "load_spectra", "load_galaxies", "canonical_object", "split_by_object", "counts_table",
            "save_pack", "load_pack"]
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GALAXY_SOURCE = "galaxies"
 _MIN_GRID_OVERLAP_AA = 1500.0  # a usable spectrum covers at least this much of 3500-10000 A at its own redshift
 _GRID = (PreprocessConfig().grid.wave_min, PreprocessConfig().grid.wave_max)  # the model's wavelength range
-_VARIANCE_RATIO = 1e-6
 
 
 @dataclass(frozen=True)
@@ -205,16 +203,6 @@ def _entry_spectra(entry: ManifestEntry) -> list[Spectrum]:
         return []  # junk (HST 0-40 A, IR only): never reaches the SEDM range
     rest = obs / (1.0 + z)
     return [Spectrum(wave=rest, flux=flux, redshift=z, phase=entry.phase, **common)]
-
-
-def read_flux_err(flux: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
-    """1-sigma errors from a column that may hold variances (slsne files): sqrt when it is far too small."""
-    e = np.asarray(flux_err, dtype=np.float64)
-    f = np.abs(np.asarray(flux, dtype=np.float64))
-    ok = np.isfinite(e) & np.isfinite(f)
-    if ok.any() and np.median(np.abs(e[ok])) < _VARIANCE_RATIO * np.median(f[ok]):
-        return np.sqrt(np.abs(e))
-    return e
 
 
 def load_spectra(entries: Iterable[ManifestEntry], *, on_error: str = "skip") -> tuple[list[Spectrum], Counter]:

@@ -23,17 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from streamer.checkpoint import Checkpoint, load_checkpoint
-from streamer.errors import SpectraNetError
-from streamer.preprocess import prepare, remove_continuum
-from streamer.readers import read_spectrum
-from streamer.taxonomy import CLASSES
-from training import figures
-from training import metrics as M
-from training.baseline import build_bank, match
-from training.data import Spectrum, load_manifest, read_flux_err
-from training.train import TrainConfig, load_split, predict, simulate_set
+from spectranet.streamer.contract.readers import prepare_file, read_spectrum
+from spectranet.streamer.errors import SpectraNetError
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
+from spectranet.streamer.science.preprocess import remove_continuum
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.training import figures
+from spectranet.training import metrics as M
+from spectranet.training.baseline import build_bank, match
+from spectranet.training.data import Spectrum, load_manifest
+from spectranet.training.train import TrainConfig, load_split, predict, simulate_set
 
 __all__ = ["TARGETS", "evaluate", "score", "targets_met"]
 
@@ -78,16 +77,10 @@ def _real_inputs(files: list[tuple[str, str, float | None]], ckpt: Checkpoint
     xs, ys, zs, kept = [], [], [], []
     for path, label, z in files:
         try:
-            sf = read_spectrum(path)
-            wave = np.asarray(sf.wavelength)
-            if sf.frame == "rest":
-                wave = wave * (1.0 + (sf.redshift or 0.0))
-            err = None if sf.flux_err is None else read_flux_err(sf.flux, sf.flux_err)
-            p = prepare(wave, sf.flux, flux_err=err, wavelength_unit=sf.wavelength_unit, flux_unit=sf.flux_unit,
-                        flux_calibrated=sf.flux_calibrated, config=ckpt.preprocess)
+            p = prepare_file(read_spectrum(path), ckpt.preprocess)
         except SpectraNetError:
             continue
-        xs.append(np.stack([p.flux, p.coverage.astype(np.float32)]))
+        xs.append(p.model_input())
         ys.append(CLASSES.index(label))
         zs.append(math.nan if z is None else z)
         kept.append(path)

@@ -1,8 +1,8 @@
 """Export a checkpoint that streamer loads into the package (``streamer/models``).
 
-``python -m training.export --from runs/default/spectranet-sedm-0.2.0 [--evaluation runs/eval/metrics.json]`` ships a
+``python -m spectranet.training.export --from runs/default/spectranet-sedm-0.2.0 [--evaluation runs/eval/metrics.json]`` ships a
 trained run's checkpoint, optionally recording the evaluation summary (SpectraNet vs the baseline) in its card.
-``python -m training.export --untrained`` writes the placeholder model: the real architecture and preprocessing
+``python -m spectranet.training.export --untrained`` writes the placeholder model: the real architecture and preprocessing
 with seeded random weights, so that the whole pipeline runs before a trained model exists; its card says
 ``"trained": false`` and its predictions mean nothing.
 """
@@ -15,11 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-from streamer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from streamer.model import PRESETS, SpectraNet
-from streamer.preprocess import PreprocessConfig
-from streamer.taxonomy import CLASSES, TAXONOMY_VERSION
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.model import PRESETS, SpectraNet
+from spectranet.streamer.science.preprocess import PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES, TAXONOMY_VERSION
 
 __all__ = ["export_untrained", "export_trained"]
 

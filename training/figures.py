@@ -116,9 +116,9 @@ def plot_simulated(real: tuple[np.ndarray, np.ndarray], real_title: str,
 
 def simulation_figure(manifest: Path, out: Path, *, seed: int = 3) -> Path:
     """Simulated SEDM spectra of five classes next to the real SEDM spectrum of SN 2019dwa (SLSN-I, z = 0.082)."""
-    from streamer.readers import read_spectrum
-    from training.data import load_galaxies, load_spectra, read_manifest
-    from training.simulate import simulate_sedm
+    from spectranet.streamer.contract.readers import read_spectrum
+    from spectranet.training.data import load_galaxies, load_spectra, read_manifest
+    from spectranet.training.simulate import simulate_sedm
 
     entries = read_manifest(manifest)
     spectra, _ = load_spectra(entries)

@@ -1,6 +1,6 @@
 """Markdown tables for the model card from a checkpoint card and an evaluation's ``metrics.json``.
 
-``python -m training.model_card CHECKPOINT METRICS_JSON`` prints them; the prose around them is written by hand.
+``python -m spectranet.training.model_card CHECKPOINT METRICS_JSON`` prints them; the prose around them is written by hand.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from streamer.taxonomy import CLASSES
-from training.evaluate import TARGETS
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.training.evaluate import TARGETS
 
 __all__ = ["data_table", "metrics_table", "per_class_table"]
 

@@ -10,12 +10,12 @@ out=$2
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
-python3 -m training.ablation --config training/configs/ablation.yaml --set "spectra_pack=$pack" ${EXTRA_SET:-} \
+python3 -m spectranet.training.ablation --config training/configs/ablation.yaml --set "spectra_pack=$pack" ${EXTRA_SET:-} \
     --write-overrides "$out/winner.txt" 2>&1 | tee "$out/ablation.log"
 cp runs/ablation/ablation.json "$out/" 2>/dev/null
 overrides=$(cat "$out/winner.txt" 2>/dev/null)
 echo "training with: ${overrides:-gpu.yaml as written}"
 # shellcheck disable=SC2086  # one key=value per word
-python3 -m training.train --config training/configs/gpu.yaml --set "spectra_pack=$pack" $overrides ${EXTRA_SET:-} 2>&1 \
+python3 -m spectranet.training.train --config training/configs/gpu.yaml --set "spectra_pack=$pack" $overrides ${EXTRA_SET:-} 2>&1 \
     | tee "$out/train.log"
 cp runs/gpu/spectranet-sedm-0.3.0.safetensors runs/gpu/spectranet-sedm-0.3.0.json "$out/"

@@ -7,7 +7,7 @@ simulated on the fly, in this order (each step is a small pure function of its i
     draw z -> host galaxy light -> redshift -> reddening + calibration tilt -> R~100 Gaussian LSF
            -> SEDM pixels (start/step jitter, edge truncation) -> telluric residuals -> noise at SNR 5-100
 
-and the result goes through ``streamer.preprocess.prepare`` with the checkpoint's ``PreprocessConfig``: the tensor the
+and the result goes through ``spectranet.streamer.science.preprocess.prepare`` with the checkpoint's ``PreprocessConfig``: the tensor the
 model trains on is made by exactly the code that makes it at inference. Same seed, same sample.
 
 Simplifications, stated: reddening is a power law A_lambda = A_V (lambda / 5500 A)^-1.3 rather than CCM; telluric
@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
-
-from streamer.errors import PreprocessError
-from streamer.preprocess import PreprocessConfig, prepare
-from training.data import Spectrum
+from spectranet.streamer.errors import PreprocessError
+from spectranet.streamer.science.preprocess import PreprocessConfig, prepare
+from spectranet.training.data import Spectrum
 
 __all__ = ["SimConfig", "Simulated", "SEDM_DEFAULT", "draw_redshift", "sedm_pixels", "apply_lsf", "simulate_sedm",
            "simulate_input", "to_model_input"]
@@ -155,7 +154,7 @@ def to_model_input(wave: np.ndarray, flux: np.ndarray, flux_err: np.ndarray | No
                    preprocess: PreprocessConfig) -> np.ndarray:
     """[2, n_bins] float32 (normalised flux, coverage) exactly as the inference engine stacks it."""
     p = prepare(wave, flux, flux_err=flux_err, medium="air", config=preprocess)
-    return np.stack([p.flux, p.coverage.astype(np.float32)])
+    return p.model_input()
 
 
 def simulate_input(spec: Spectrum, galaxies: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
@@ -164,7 +163,7 @@ def simulate_input(spec: Spectrum, galaxies: Sequence[tuple[np.ndarray, np.ndarr
     """(x [2, n_bins] float32, z): a simulated SEDM spectrum through ``prepare``; retries draws that fail.
 
     After ``tries`` failed draws (a short template at a high z, say) the spectrum is simulated at its own redshift
-    without truncation, which always reaches the grid because ``training.data`` dropped spectra that do not.
+    without truncation, which always reaches the grid because ``spectranet.training.data`` dropped spectra that do not.
     """
     for _ in range(tries):
         sim = simulate_sedm(spec, galaxies, rng, cfg)

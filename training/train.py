@@ -5,10 +5,10 @@ SEDM simulation through the inference preprocessing) -> model -> AdamW with line
 loop (class-balanced focal loss, gamma 2, beta 0.9999, plus the redshift head's Gaussian NLL; gradient clipping at
 1.0; an EMA of the weights, decay 0.995, is what validation sees and what is exported; bf16 autocast on GPU only) ->
 early stopping on validation macro-F1 -> temperature fitted on validation -> export a checkpoint that
-``streamer.checkpoint.load_checkpoint`` and ``streamer.engine.InferenceEngine`` use as is.
+``spectranet.streamer.science.checkpoint.load_checkpoint`` and ``spectranet.streamer.science.inference.InferenceEngine`` use as is.
 
 The network reads observer-frame input (packets rarely carry a redshift): one multi-task network, or with
-``two_networks`` (the shipped model, chosen by ``training.ablation``) a redshift network whose classifier sees the
+``two_networks`` (the shipped model, chosen by ``spectranet.training.ablation``) a redshift network whose classifier sees the
 rest frame of the predicted z at validation and inference, and in training of the true z (jittered by ``z_noise``)
 or, for a ``pred_z_fraction`` share, of its own estimate. The validation set is
 simulated once with a fixed seed, so every evaluation scores the same inputs; training samples are seeded by (seed,
@@ -19,7 +19,7 @@ Resume: ``out_dir/state.pt`` is written at every evaluation; a run whose ``out_d
 checkpoint's weights.
 
 Multi-GPU (documented, not tested; single-process is what the tests run): launch with
-``torchrun --standalone --nproc_per_node=N -m training.train --config FILE``. With ``WORLD_SIZE > 1`` each process
+``torchrun --standalone --nproc_per_node=N -m spectranet.training.train --config FILE``. With ``WORLD_SIZE > 1`` each process
 joins the NCCL process group, wraps the model in ``DistributedDataParallel``, and takes every N-th index of each
 global batch (so ``batch_size`` is the global batch); rank 0 alone evaluates, checkpoints and exports, and broadcasts
 the early-stopping decision.
@@ -43,17 +43,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from spectranet.streamer.errors import ConfigError, PreprocessError
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.model import PRESETS, ModelConfig, SpectraNet, count_parameters
+from spectranet.streamer.science.preprocess import PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES, TAXONOMY_VERSION
+from spectranet.training import metrics as M
+from spectranet.training.data import (
+    Spectrum,
+    counts_table,
+    load_galaxies,
+    load_pack,
+    load_spectra,
+    read_manifest,
+    split_by_object,
+)
+from spectranet.training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
+from spectranet.training.simulate import SEDM_DEFAULT, simulate_input
 from tqdm import tqdm
-
-from streamer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from streamer.errors import ConfigError, PreprocessError
-from streamer.model import PRESETS, ModelConfig, SpectraNet, count_parameters
-from streamer.preprocess import PreprocessConfig
-from streamer.taxonomy import CLASSES, TAXONOMY_VERSION
-from training import metrics as M
-from training.data import Spectrum, counts_table, load_galaxies, load_pack, load_spectra, read_manifest, split_by_object
-from training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
-from training.simulate import SEDM_DEFAULT, simulate_input
 
 _RANGE = PreprocessConfig().grid  # the model's wavelength range (streamer's default grid); bins follow the preset
 
@@ -67,13 +74,13 @@ __all__ = ["TrainConfig", "train", "load_split", "simulate_set", "predict", "val
 @dataclass(frozen=True)
 class TrainConfig:
     manifest: str = "../shared/data/manifest.csv"
-    spectra_pack: str = ""             # a training.data.save_pack file to read instead of the manifest (GPU hosts)
+    spectra_pack: str = ""             # a spectranet.training.data.save_pack file to read instead of the manifest (GPU hosts)
     out_dir: str = "runs/default"
     name: str = "spectranet-sedm"
     version: str = "0.1.0"
     preset: str = "default"
-    pooling: str = ""                  # "" keeps the preset's; "max" or "multiscale" overrides it (training.ablation)
-    norm: str = ""                     # "" keeps the preset's; "layer" or "batch" overrides it (training.ablation)
+    pooling: str = ""                  # "" keeps the preset's; "max" or "multiscale" overrides it (spectranet.training.ablation)
+    norm: str = ""                     # "" keeps the preset's; "layer" or "batch" overrides it (spectranet.training.ablation)
     two_networks: bool = False         # the paper's redshift network + rest-frame classifier (ModelConfig)
     # Two networks: what redshift the classifier's rest-frame view uses in training. A classifier trained on exact
     # redshifts loses a third of its macro-F1 on the redshift network's estimates (0.2.0: 0.48 -> 0.34), so a share

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import fastavro
-import spectranet_schemas as schemas
-
-from streamer.errors import DecodeError
+import spectranet.schemas as schemas
+from spectranet.streamer.errors import DecodeError
 
 __all__ = [
     "Framing",

@@ -1,9 +1,8 @@
-"""Alembic environment: runs migrations online against the URL set by ``streamer.db.upgrade``."""
+"""Alembic environment: runs migrations online against the URL set by ``spectranet.streamer.runtime.db.upgrade``."""
 
 from alembic import context
+from spectranet.streamer.runtime.db import metadata
 from sqlalchemy import engine_from_config, pool
-
-from streamer.db import metadata
 
 config = context.config
 target_metadata = metadata

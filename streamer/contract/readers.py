@@ -32,10 +32,10 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 from astropy.time import Time
+from spectranet.streamer.errors import SpectrumFileError
+from spectranet.streamer.science.preprocess import Prepared, PreprocessConfig, prepare
 
-from streamer.errors import SpectrumFileError
-
-__all__ = ["FORMATS", "SpectrumFile", "read_spectrum", "sniff_format"]
+__all__ = ["flux_err_as_sigma", "prepare_file", "FORMATS", "SpectrumFile", "read_spectrum", "sniff_format"]
 
 FORMATS = ("shared-ascii", "pysedm-ascii", "plain-ascii", "fits")
 
@@ -684,3 +684,26 @@ def _read_fits(path: str) -> SpectrumFile:
         telescope=_card_text(header, "TELESCOP"),
         header=header,
     )
+
+
+_VARIANCE_RATIO = 1e-6
+
+
+def flux_err_as_sigma(flux: np.ndarray, flux_err: np.ndarray) -> np.ndarray:
+    """1-sigma errors from a column that may hold variances (some slsne and WISeREP files): square-rooted when its
+    median is below 1e-6 of the median |flux|, which no real 1-sigma error is."""
+    e = np.asarray(flux_err, dtype=np.float64)
+    f = np.abs(np.asarray(flux, dtype=np.float64))
+    ok = np.isfinite(e) & np.isfinite(f)
+    if ok.any() and np.median(np.abs(e[ok])) < _VARIANCE_RATIO * np.median(f[ok]):
+        return np.sqrt(np.abs(e))
+    return e
+
+
+def prepare_file(sf: SpectrumFile, config: PreprocessConfig) -> Prepared:
+    """A spectrum file on the model grid: the one path from a file to the model's input (``spectranet classify``,
+    evaluation). Error columns that hold variances are square-rooted; rest-frame files use their header redshift."""
+    err = None if sf.flux_err is None else flux_err_as_sigma(sf.flux, sf.flux_err)
+    return prepare(sf.wavelength, sf.flux, flux_err=err, wavelength_unit=sf.wavelength_unit,
+                   flux_unit=sf.flux_unit, flux_calibrated=sf.flux_calibrated, frame=sf.frame,  # type: ignore[arg-type]
+                   redshift=(sf.redshift or 0.0) if sf.frame == "rest" else None, config=config)

@@ -27,8 +27,7 @@ from types import TracebackType
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
-
-from streamer.errors import InfrastructureError
+from spectranet.streamer.errors import InfrastructureError
 
 __all__ = ["EmbeddedBroker", "find_tansu_binary", "free_port", "start_tansu", "terminate", "wait_for_kafka"]
 

@@ -15,15 +15,13 @@ from importlib import resources
 from pathlib import Path
 
 import sqlalchemy as sa
-
-from streamer import db
-from streamer.app import build_daemon
-from streamer.config import load_settings
-from streamer.embedded import start_tansu
-from streamer.kafka_io import ensure_topics
-from streamer.packets import packet_from_file
-from streamer.produce import publish_files
-from streamer.readers import read_spectrum
+from spectranet.streamer.app import build_daemon
+from spectranet.streamer.config import load_settings
+from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.kafka_io import ensure_topics
+from spectranet.streamer.tools.embedded import start_tansu
+from spectranet.streamer.tools.files import packet_from_file, publish_files
 
 __all__ = ["run_demo", "sample_paths"]
 
@@ -40,7 +38,7 @@ SELECT source_topic, source_offset, error_class, error_message FROM dead_letters
 
 SUBSCRIBER = """\
 from confluent_kafka import Consumer
-from streamer.codec import Codec
+from spectranet.streamer.contract.codec import Codec
 
 codec = Codec("annotated_spectrum")
 consumer = Consumer({{"bootstrap.servers": "{bootstrap}", "group.id": "my-app", "auto.offset.reset": "earliest"}})
@@ -59,7 +57,7 @@ finally:
 
 
 def sample_paths() -> list[str]:
-    folder = resources.files("streamer") / "samples"
+    folder = resources.files("spectranet.streamer") / "samples"
     return sorted(str(p) for p in folder.iterdir() if p.name.endswith(".txt"))
 
 

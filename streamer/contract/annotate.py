@@ -1,4 +1,4 @@
-"""From a packet and its prediction to the two things the daemon writes: the annotated packet and the result rows.
+"""From a packet and its prediction to the annotated-spectrum record (the output contract).
 
 Pure functions: no I/O, so the shape of the output contract is tested without a broker or a database.
 """
@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from streamer.checkpoint import Checkpoint
-from streamer.db import ClassificationRow
-from streamer.engine import Prediction
-from streamer.preprocess import Prepared
+from spectranet.streamer.science.checkpoint import Checkpoint
+from spectranet.streamer.science.inference import Prediction
+from spectranet.streamer.science.preprocess import Prepared
 
-__all__ = ["Source", "annotation_id", "build_annotation", "result_rows"]
+__all__ = ["Source", "annotation_id", "build_annotation"]
 
 _NAMESPACE = uuid.UUID("6f1c5a3e-2b7d-5c8e-9a41-5e7c0d2b9f10")
 _COPIED = ("spectrum_id", "revision", "object_id", "survey", "tns_name", "candid", "dia_object_id", "ra", "dec",
@@ -69,28 +68,3 @@ def build_annotation(packet: Mapping[str, Any], prepared: Prepared, prediction: 
                    "classified_at": classified_at},
         "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
     }
-
-
-def result_rows(packet: Mapping[str, Any], annotation: Mapping[str, Any]) -> ClassificationRow:
-    """The ``spectra`` and ``classifications`` rows for one annotated packet."""
-    q, z, src = annotation["quality"], annotation["redshift"], annotation["source"]
-    return ClassificationRow(
-        spectrum={
-            "spectrum_id": packet["spectrum_id"], "revision": packet["revision"], "object_id": packet["object_id"],
-            "survey": packet["survey"], "tns_name": packet.get("tns_name"), "instrument": packet["instrument"],
-            "ra": packet.get("ra"), "dec": packet.get("dec"), "obs_mjd": packet["obs_mjd"],
-            "n_pixels": len(packet["wavelength"]), "produced_at": annotation["timing"]["produced_at"],
-            "received_at": annotation["timing"]["consumed_at"],
-        },
-        classification={
-            "spectrum_id": packet["spectrum_id"], "revision": packet["revision"],
-            "model_name": annotation["classifier"]["name"], "model_version": annotation["classifier"]["version"],
-            "annotation_id": annotation["annotation_id"], "object_id": packet["object_id"],
-            "probabilities": {c["class_name"]: c["probability"] for c in annotation["classifications"]},
-            "top_class": annotation["top_class"], "top_probability": annotation["top_probability"],
-            "z": z["z"], "z_err": z["z_err"], "z_method": z["method"],
-            "coverage_fraction": q["coverage_fraction"], "median_snr": q["median_snr"], "ood_score": q["ood_score"],
-            "flags": q["flags"], "processed_at": annotation["timing"]["classified_at"],
-            "source_topic": src["topic"], "source_partition": src["partition"], "source_offset": src["offset"],
-        },
-    )

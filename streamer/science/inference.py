@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from streamer.checkpoint import Checkpoint
-from streamer.errors import ConfigError
-from streamer.preprocess import Prepared
+from spectranet.streamer.errors import ConfigError
+from spectranet.streamer.science.checkpoint import Checkpoint
+from spectranet.streamer.science.preprocess import Prepared
 
 __all__ = ["Prediction", "InferenceEngine", "select_device"]
 
@@ -64,7 +63,7 @@ class InferenceEngine:
     def predict(self, batch: Sequence[Prepared]) -> list[Prediction]:
         if not batch:
             return []
-        x = np.stack([np.stack([p.flux, p.coverage.astype(np.float32)]) for p in batch])  # [B, 2, n_bins]
+        x = np.stack([p.model_input() for p in batch])  # [B, 2, n_bins]
         return self.predict_arrays(x)
 
     def predict_arrays(self, x: np.ndarray) -> list[Prediction]:

@@ -25,8 +25,7 @@ from typing import Any, Callable, Literal, Mapping, NamedTuple
 import numpy as np
 from astropy import constants as const
 from astropy import units as u
-
-from streamer.errors import (
+from spectranet.streamer.errors import (
     ConfigError,
     LengthMismatchError,
     NonPositiveWavelengthError,
@@ -66,6 +65,7 @@ SUPPORTED_PREPROCESS_VERSIONS: frozenset[str] = frozenset({"1.0", "1.1"})
 FloatArray = np.ndarray  # float64 [n] unless stated
 Normalisation = Literal["robust", "continuum"]
 Medium = Literal["air", "vacuum"]
+Frame = Literal["observed", "rest"]
 
 # Quality flags ``prepare`` may set; documented here so that consumers can rely on the exact strings.
 FLAGS: Mapping[str, str] = MappingProxyType({
@@ -205,6 +205,11 @@ class Prepared:
     coverage_fraction: float
     median_snr: float  # per input pixel; nan when it cannot be estimated
     flags: tuple[str, ...]
+
+    def model_input(self) -> np.ndarray:
+        """The network's two input channels, float32 [2, n_bins]: normalised flux and coverage (the one place
+        they are stacked; inference, simulation and evaluation all call it)."""
+        return np.stack([self.flux, self.coverage.astype(np.float32)])
 
 
 class Cleaned(NamedTuple):
@@ -707,14 +712,22 @@ def prepare(
     wavelength_unit: str = "Angstrom",
     flux_unit: str = "erg / (s cm2 Angstrom)",
     medium: Medium = "air",
+    frame: Frame = "observed",
     redshift: float | None = None,
     flux_calibrated: bool = True,
     config: PreprocessConfig = PreprocessConfig(),
 ) -> Prepared:
     """One spectrum's arrays and metadata to the model input on ``config.grid``.
 
+    The model reads observer-frame spectra: a ``frame="rest"`` spectrum is moved to the observer frame with
+    ``redshift`` (required then). This is the one home of that rule for packets, files and evaluation.
     Raises a ``PreprocessError`` subclass naming the offending field when the spectrum cannot be used.
     """
+    if frame not in ("observed", "rest"):
+        raise PreprocessError(f"frame must be 'observed' or 'rest', got {frame!r}", field="wavelength_frame")
+    if frame == "rest" and redshift is None:
+        raise PreprocessError("a rest-frame spectrum needs a redshift to be placed in the observer frame",
+                              field="redshift")
     if medium not in ("air", "vacuum"):
         raise PreprocessError(f"medium must be 'air' or 'vacuum', got {medium!r}", field="medium")
     if redshift is not None and not (math.isfinite(redshift) and redshift > -1.0):
@@ -728,6 +741,8 @@ def prepare(
 
     # units: Angstrom and F_lambda
     w = to_angstrom(w, wavelength_unit)
+    if frame == "rest":
+        w = w * (1.0 + float(redshift))  # type: ignore[arg-type]  # checked above
     f_fl = to_flambda(f, flux_unit, w)
     e_fl = None if e is None else _flambda_err(e, f_fl, flux_unit, w)
     if e is None:

@@ -7,8 +7,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-
-from streamer.config import KafkaSettings
+from spectranet.streamer.config import KafkaSettings
 
 __all__ = ["consumer_config", "producer_config", "make_consumer", "make_producer", "ensure_topics"]
 

@@ -12,7 +12,7 @@ With ``two_networks`` (the paper's design, and the shipped model's since the abl
 above predicts only the redshift, and a second one classifies a rest-frame view of the same input: on a
 log-wavelength grid a redshift is a shift by ln(1 + z) / step bins (``rest_frame_view``), so the daemon still runs
 one module on one observed-frame tensor. Inference shifts by the predicted z; training by the true z, jittered, or
-by the predicted one (``training.train``'s ``z_noise`` and ``pred_z_fraction``).
+by the predicted one (``spectranet.training.train``'s ``z_noise`` and ``pred_z_fraction``).
 
 Presets are data (``PRESETS``); a checkpoint stores the ``ModelConfig`` that built it so loading rebuilds it exactly.
 """

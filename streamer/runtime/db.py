@@ -111,7 +111,7 @@ def create_engine(url: str) -> Engine:
 
 def _alembic_config(url: str) -> AlembicConfig:
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(resources.files("streamer") / "migrations"))
+    cfg.set_main_option("script_location", str(resources.files("spectranet.streamer.runtime") / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
@@ -184,3 +184,28 @@ def write_batch(engine: Engine, rows: Sequence[ClassificationRow], dead: Sequenc
             conn.execute(_insert(conn, classifications).on_conflict_do_nothing(), [r.classification for r in rows])
         if dead:
             conn.execute(_insert(conn, dead_letters).on_conflict_do_nothing(), [d.values for d in dead])
+
+
+def classification_rows(packet: Mapping[str, Any], annotation: Mapping[str, Any]) -> ClassificationRow:
+    """The ``spectra`` and ``classifications`` rows for one annotated packet."""
+    q, z, src = annotation["quality"], annotation["redshift"], annotation["source"]
+    return ClassificationRow(
+        spectrum={
+            "spectrum_id": packet["spectrum_id"], "revision": packet["revision"], "object_id": packet["object_id"],
+            "survey": packet["survey"], "tns_name": packet.get("tns_name"), "instrument": packet["instrument"],
+            "ra": packet.get("ra"), "dec": packet.get("dec"), "obs_mjd": packet["obs_mjd"],
+            "n_pixels": len(packet["wavelength"]), "produced_at": annotation["timing"]["produced_at"],
+            "received_at": annotation["timing"]["consumed_at"],
+        },
+        classification={
+            "spectrum_id": packet["spectrum_id"], "revision": packet["revision"],
+            "model_name": annotation["classifier"]["name"], "model_version": annotation["classifier"]["version"],
+            "annotation_id": annotation["annotation_id"], "object_id": packet["object_id"],
+            "probabilities": {c["class_name"]: c["probability"] for c in annotation["classifications"]},
+            "top_class": annotation["top_class"], "top_probability": annotation["top_probability"],
+            "z": z["z"], "z_err": z["z_err"], "z_method": z["method"],
+            "coverage_fraction": q["coverage_fraction"], "median_snr": q["median_snr"], "ood_score": q["ood_score"],
+            "flags": q["flags"], "processed_at": annotation["timing"]["classified_at"],
+            "source_topic": src["topic"], "source_partition": src["partition"], "source_offset": src["offset"],
+        },
+    )

@@ -21,170 +21,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import torch
 from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
+from spectranet.streamer.contract.codec import Codec, Framing
+from spectranet.streamer.errors import InfrastructureError
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import BatchOutcome, Message, SpectrumClassifier, where
+from spectranet.streamer.runtime.metrics import HealthServer, Metrics
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from streamer import db
-from streamer.annotate import Source, build_annotation, result_rows
-from streamer.checkpoint import Checkpoint
-from streamer.codec import Codec, Framing
-from streamer.engine import InferenceEngine, Prediction
-from streamer.errors import InferenceError, InfrastructureError, PacketError
-from streamer.metrics import HealthServer, Metrics
-from streamer.packets import Limits, validate_packet
-from streamer.preprocess import Prepared, prepare
-
-__all__ = ["Classified", "DeadLetter", "BatchOutcome", "SpectrumClassifier", "Daemon", "RunStats"]
+__all__ = ["Daemon", "RunStats"]
 
 log = logging.getLogger(__name__)
-
-
-class Message(Protocol):
-    """What the loop needs of a Kafka message (confluent_kafka.Message, or a fake in unit tests)."""
-
-    def topic(self) -> str: ...
-    def partition(self) -> int: ...
-    def offset(self) -> int: ...
-    def key(self) -> bytes | None: ...
-    def value(self) -> bytes | None: ...
-    def headers(self) -> list[tuple[str, bytes]] | None: ...
-    def error(self) -> KafkaError | None: ...
-
-
-@dataclass(frozen=True)
-class Classified:
-    key: bytes
-    annotation: dict[str, Any]
-    rows: db.ClassificationRow
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    source: Source
-    key: bytes | None
-    payload: bytes | None
-    headers: list[tuple[str, bytes]]
-    error: PacketError
-    spectrum_id: str | None
-    failed_at: datetime
-
-    def kafka_headers(self) -> list[tuple[str, bytes]]:
-        return [*self.headers,
-                ("spectranet.error.class", type(self.error).__name__.encode()),
-                ("spectranet.error.message", str(self.error).encode()),
-                ("spectranet.error.field", (self.error.field or "").encode()),
-                ("spectranet.source.topic", self.source.topic.encode()),
-                ("spectranet.source.partition", str(self.source.partition).encode()),
-                ("spectranet.source.offset", str(self.source.offset).encode()),
-                ("spectranet.failed_at", self.failed_at.isoformat().encode())]
-
-    def row(self) -> db.DeadLetterRow:
-        return db.DeadLetterRow({
-            "source_topic": self.source.topic, "source_partition": self.source.partition,
-            "source_offset": self.source.offset, "spectrum_id": self.spectrum_id,
-            "error_class": type(self.error).__name__, "error_field": self.error.field,
-            "error_message": str(self.error), "payload": self.payload, "failed_at": self.failed_at,
-        })
-
-
-@dataclass(frozen=True)
-class BatchOutcome:
-    classified: list[Classified]
-    dead: list[DeadLetter]
-    offsets: list[TopicPartition]  # next offset to consume, per partition in the batch
-
-
-class SpectrumClassifier:
-    """The execute stage: raw messages in, annotations and dead letters out. No broker, no database."""
-
-    def __init__(self, engine: InferenceEngine, *, codec: Codec, limits: Limits = Limits(),
-                 store_raw_packets: bool = False) -> None:
-        self.engine = engine
-        self.model: Checkpoint = engine.checkpoint
-        self.codec = codec
-        self.limits = limits
-        self.store_raw_packets = store_raw_packets
-
-    def _prepare(self, packet: dict[str, Any]) -> Prepared:
-        validate_packet(packet, self.limits)
-        wavelength = np.asarray(packet["wavelength"], dtype=np.float64)
-        prior = packet.get("redshift_prior")
-        if packet["wavelength_frame"] == "rest":
-            wavelength = wavelength * (1.0 + prior["z"])  # the model reads observer-frame spectra
-        try:
-            return prepare(
-                wavelength, np.asarray(packet["flux"], dtype=np.float64),
-                flux_err=None if packet.get("flux_err") is None else np.asarray(packet["flux_err"], dtype=np.float64),
-                mask=None if packet.get("mask") is None else np.asarray(packet["mask"], dtype=bool),
-                wavelength_unit=packet["wavelength_unit"], flux_unit=packet["flux_unit"],
-                medium=packet["wavelength_medium"], flux_calibrated=packet["flux_calibrated"],
-                redshift=prior["z"] if prior else None, config=self.model.preprocess,
-            )
-        except PacketError as exc:
-            raise exc.with_packet(packet["spectrum_id"]) from exc
-
-    def execute(self, messages: Sequence[Message], *, consumed_at: datetime) -> BatchOutcome:
-        ready: list[tuple[Message, dict[str, Any], Prepared]] = []
-        dead: list[DeadLetter] = []
-        offsets: dict[tuple[str, int], int] = {}
-        for msg in messages:                                               # decode, validate, preprocess
-            offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
-            packet: dict[str, Any] | None = None
-            try:
-                packet = self.codec.decode(msg.value())
-                ready.append((msg, packet, self._prepare(packet)))
-            except PacketError as exc:
-                dead.append(_dead_letter(msg, exc, packet))
-        predicted = self._predict_isolating(ready, dead)                         # classify
-        classified_at = datetime.now(timezone.utc)
-        out = []
-        for (msg, packet, prepared), pred in predicted:
-            ann = build_annotation(packet, prepared, pred, self.model,
-                                   source=Source(msg.topic(), msg.partition(), msg.offset()),
-                                   consumed_at=consumed_at, classified_at=classified_at)
-            rows = result_rows(packet, ann)
-            if self.store_raw_packets:
-                rows.spectrum["raw_packet"] = msg.value()
-            out.append(Classified(key=packet["object_id"].encode(), annotation=ann, rows=rows))
-        return BatchOutcome(classified=out, dead=dead,
-                            offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())])
-
-    def _predict_isolating(self, ready: list[tuple[Message, dict[str, Any], Prepared]],
-                           dead: list[DeadLetter]) -> list[tuple[tuple[Message, dict[str, Any], Prepared], Prediction]]:
-        """Predict the batch; if the model fails, split it until the failing spectrum is alone and dead-letter it."""
-        if not ready:
-            return []
-        try:
-            return list(zip(ready, self.engine.predict([p for _, _, p in ready])))
-        except torch.cuda.OutOfMemoryError:
-            raise  # the engine already halved down to one spectrum: an infrastructure problem, not this packet's
-        except (RuntimeError, ValueError) as exc:
-            if len(ready) == 1:
-                msg, packet, _ = ready[0]
-                err = InferenceError(f"model failed: {type(exc).__name__}: {exc}", field="flux",
-                                     packet_id=packet["spectrum_id"])
-                dead.append(_dead_letter(msg, err, packet))
-                return []
-            half = len(ready) // 2
-            return self._predict_isolating(ready[:half], dead) + self._predict_isolating(ready[half:], dead)
-
-
-def _dead_letter(msg: Message, exc: PacketError, packet: dict[str, Any] | None) -> DeadLetter:
-    pid = packet.get("spectrum_id") if packet else None
-    err = exc.with_packet(_where(msg)) if pid is None else exc
-    log.warning("dead-lettering %s: %s", _where(msg), err)
-    return DeadLetter(source=Source(msg.topic(), msg.partition(), msg.offset()), key=msg.key(), payload=msg.value(),
-                      headers=list(msg.headers() or []), error=err, spectrum_id=pid,
-                      failed_at=datetime.now(timezone.utc))
-
-
-def _where(msg: Message) -> str:
-    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
 
 
 @dataclass
@@ -412,7 +262,7 @@ class Daemon:
                                 self.consumer.pause([tp])
                                 self.consumer.seek(tp)
                                 paused.append(tp)
-                                log.info("paused %s, assigned while retrying", _where(msg))
+                                log.info("paused %s, assigned while retrying", where(msg))
                     else:
                         stop.wait(min(0.2, backoff))
                 backoff = min(backoff * 2, self.retry_backoff_max_s)

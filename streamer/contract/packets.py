@@ -6,19 +6,16 @@ resource limits), raising ``ValidationError`` that names the field and the packe
 
 from __future__ import annotations
 
-import hashlib
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from spectranet.streamer.errors import PacketError, ValidationError
+from spectranet.streamer.science.preprocess import Prepared, PreprocessConfig, prepare
 
-from streamer.errors import ValidationError
-from streamer.readers import SpectrumFile
-
-__all__ = ["Limits", "validate_packet", "packet_from_file", "spectrum_id_for"]
+__all__ = ["Limits", "validate_packet", "prepare_packet"]
 
 FRAMES = frozenset({"observed", "rest"})
 MEDIA = frozenset({"air", "vacuum"})
@@ -76,55 +73,19 @@ def validate_packet(p: Mapping[str, Any], limits: Limits = Limits()) -> None:
         fail("header", f"exceeds {limits.max_header_bytes} bytes")
 
 
-def spectrum_id_for(object_id: str, wavelength: np.ndarray, flux: np.ndarray) -> str:
-    """Stable id from the object and the data, so republishing the same file is recognised as the same spectrum."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(wavelength, dtype="<f8").tobytes())
-    h.update(np.ascontiguousarray(flux, dtype="<f8").tobytes())
-    return f"{object_id}:{h.hexdigest()[:16]}"
-
-
-def packet_from_file(sf: SpectrumFile, *, survey: str = "TNS", revision: int = 0,
-                     produced_at_ms: int | None = None) -> dict[str, Any]:
-    """A spectrum packet (reader-schema dict) for a spectrum read from a file.
-
-    The reported label and redshift stay in the header for bookkeeping; the packet carries a redshift prior only
-    for rest-frame data, which cannot be placed on the observer-frame grid without it.
-    """
-    object_id = sf.object_id or sf.header.get("object") or sf.path.rsplit("/", 1)[-1].split(".")[0]
-    header = {k: str(v) for k, v in sf.header.items()}
-    prior = None
-    if sf.frame == "rest":
-        prior = {"z": float(sf.redshift or 0.0), "z_err": None, "origin": "file header"}
-    return {
-        "schema_version": "1.0",
-        "spectrum_id": spectrum_id_for(object_id, sf.wavelength, sf.flux),
-        "revision": revision,
-        "object_id": object_id,
-        "survey": survey,
-        "tns_name": None,
-        "candid": None,
-        "dia_object_id": None,
-        "ra": None,
-        "dec": None,
-        "instrument": sf.instrument or "unknown",
-        "telescope": sf.telescope,
-        "origin": None,
-        "spectrum_type": "source",
-        "obs_mjd": float(sf.mjd) if sf.mjd is not None else 0.0,
-        "exptime": None,
-        "wavelength": sf.wavelength.astype(float).tolist(),
-        "flux": sf.flux.astype(float).tolist(),
-        "flux_err": None if sf.flux_err is None else sf.flux_err.astype(float).tolist(),
-        "mask": None,
-        "wavelength_unit": sf.wavelength_unit,
-        "flux_unit": sf.flux_unit,
-        "wavelength_frame": sf.frame,
-        "wavelength_medium": "air",
-        "flux_calibrated": sf.flux_calibrated,
-        "resolving_power": None,
-        "quality_flag": None,
-        "redshift_prior": prior,
-        "header": header,
-        "produced_at": produced_at_ms if produced_at_ms is not None else int(time.time() * 1000),
-    }
+def prepare_packet(packet: Mapping[str, Any], config: PreprocessConfig, limits: Limits = Limits()) -> Prepared:
+    """Validate a decoded packet and put it on the model grid (rest-frame spectra are moved to the observer frame
+    with their redshift prior: the model reads observer-frame spectra)."""
+    validate_packet(packet, limits)
+    prior = packet.get("redshift_prior")
+    try:
+        return prepare(
+            np.asarray(packet["wavelength"], dtype=np.float64), np.asarray(packet["flux"], dtype=np.float64),
+            flux_err=None if packet.get("flux_err") is None else np.asarray(packet["flux_err"], dtype=np.float64),
+            mask=None if packet.get("mask") is None else np.asarray(packet["mask"], dtype=bool),
+            wavelength_unit=packet["wavelength_unit"], flux_unit=packet["flux_unit"],
+            medium=packet["wavelength_medium"], flux_calibrated=packet["flux_calibrated"],
+            frame=packet["wavelength_frame"], redshift=prior["z"] if prior else None, config=config,
+        )
+    except PacketError as exc:
+        raise exc.with_packet(packet["spectrum_id"]) from exc

@@ -7,50 +7,14 @@ version, so earlier models' rows stay and ``class_changes_between_models`` shows
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
-from confluent_kafka import KafkaError
+from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import SpectrumClassifier, StoredMessage
 from sqlalchemy.engine import Engine
 
-from streamer import db
-from streamer.daemon import SpectrumClassifier
-
-__all__ = ["StoredMessage", "reprocess"]
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    """A packet held in memory dressed as a Kafka message (stored packets here; the unit tests' fake consumer)."""
-
-    _topic: str
-    _partition: int
-    _offset: int
-    _value: bytes | None
-    _key: bytes | None = None
-    _headers: list[tuple[str, bytes]] | None = None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def headers(self) -> list[tuple[str, bytes]] | None:
-        return self._headers
-
-    def error(self) -> KafkaError | None:
-        return None
+__all__ = ["reprocess"]
 
 
 def _stored(engine: Engine, batch_size: int) -> Iterator[list[StoredMessage]]:

@@ -8,9 +8,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from confluent_kafka import Producer
+from spectranet.streamer.runtime.db import dead_letters
 from sqlalchemy.engine import Engine
-
-from streamer.db import dead_letters
 
 __all__ = ["list_dead_letters", "replay_dead_letters"]
 

@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from streamer.errors import CheckpointError, ConfigError
-from streamer.model import ModelConfig, SpectraNet
-from streamer.preprocess import (
+from spectranet.streamer.errors import CheckpointError, ConfigError
+from spectranet.streamer.science.model import ModelConfig, SpectraNet
+from spectranet.streamer.science.preprocess import (
     PREPROCESS_VERSION,
     SUPPORTED_PREPROCESS_VERSIONS,
     PreprocessConfig,
@@ -143,7 +142,7 @@ def default_checkpoint_path(folder: str | Path | None = None) -> Path:
 
     Versions compare numerically (0.10.0 is newer than 0.9.0) and a pre-release (1.0.0-rc1) is older than its release.
     """
-    folder = Path(str(resources.files("streamer") / "models")) if folder is None else Path(folder)
+    folder = Path(str(resources.files("spectranet.streamer") / "models")) if folder is None else Path(folder)
     versions = []
     for card_path in folder.glob("*.json"):
         try:

@@ -1,0 +1,1 @@
+"""Offline tools beside the daemon: files to packets and classifications, reprocessing, dead-letter replay, the demo."""

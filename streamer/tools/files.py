@@ -1,0 +1,143 @@
+"""Spectrum files in: publish them as packets (``spectranet produce``) or classify them directly (``spectranet classify``)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Producer
+from spectranet.streamer.contract.codec import Codec, Framing
+from spectranet.streamer.contract.readers import SpectrumFile, prepare_file, read_spectrum
+from spectranet.streamer.errors import PacketError, SpectraNetError, SpectrumFileError
+from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.preprocess import Prepared
+
+__all__ = ["publish_files", "packet_from_file", "spectrum_id_for", "classify_files"]
+
+
+def publish_files(paths: Iterable[str], *, topic: str, bootstrap_servers: str, framing: Framing = "schemaless",
+                  survey: str = "TNS", extra_config: dict[str, str] | None = None,
+                  timeout_s: float = 60.0) -> tuple[int, list[tuple[str, str]]]:
+    """Returns (packets delivered, [(path, error)]); waits for every delivery report."""
+    codec = Codec("spectrum_packet")
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "enable.idempotence": True, "linger.ms": 20,
+                         "compression.type": "lz4", **(extra_config or {})})
+    errors: list[tuple[str, str]] = []
+    delivered = 0
+
+    def on_delivery(err: object, msg: object) -> None:
+        nonlocal delivered
+        if err is None:
+            delivered += 1
+        else:
+            errors.append((str(msg), str(err)))
+
+    for path in paths:
+        try:
+            packet = packet_from_file(read_spectrum(path), survey=survey)
+        except SpectraNetError as exc:
+            errors.append((str(path), str(exc)))
+            continue
+        producer.produce(topic, key=packet["object_id"].encode(), value=codec.encode(packet, framing=framing),
+                         on_delivery=on_delivery)
+        producer.poll(0)
+    remaining = producer.flush(timeout_s)
+    if remaining:
+        errors.append(("<producer>", f"{remaining} packets not delivered within {timeout_s} s"))
+    return delivered, errors
+
+
+
+def _result(path: str, prepared: Prepared, pred: Any, engine: InferenceEngine) -> dict[str, Any]:
+    ck = engine.checkpoint
+    return {
+        "file": path,
+        "top_class": pred.top_class,
+        "probabilities": pred.probabilities,
+        "redshift": pred.z,
+        "redshift_err": pred.z_err,
+        "model": {"name": ck.name, "version": ck.version, "sha256": ck.weights_sha256},
+        "quality": {"coverage_fraction": prepared.coverage_fraction,
+                    "median_snr": None if math.isnan(prepared.median_snr) else prepared.median_snr,
+                    "ood_score": pred.ood_score, "flags": list(prepared.flags)},
+    }
+
+
+def classify_files(paths: Iterable[str], engine: InferenceEngine, *, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """One result per path, in order; unreadable files yield ``{"file", "error"}`` and never stop the others."""
+    pending: list[tuple[str, Prepared]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        preds = engine.predict([p for _, p in pending])
+        for (path, prepared), pred in zip(pending, preds):
+            yield _result(path, prepared, pred, engine)
+        pending.clear()
+
+    for path in paths:
+        try:
+            pending.append((path, prepare_file(read_spectrum(path), engine.checkpoint.preprocess)))
+        except (SpectrumFileError, PacketError) as exc:
+            yield from flush()  # keep output in input order
+            yield {"file": path, "error": f"{type(exc).__name__}: {exc}"}
+            continue
+        if len(pending) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def spectrum_id_for(object_id: str, wavelength: np.ndarray, flux: np.ndarray) -> str:
+    """Stable id from the object and the data, so republishing the same file is recognised as the same spectrum."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(wavelength, dtype="<f8").tobytes())
+    h.update(np.ascontiguousarray(flux, dtype="<f8").tobytes())
+    return f"{object_id}:{h.hexdigest()[:16]}"
+
+
+def packet_from_file(sf: SpectrumFile, *, survey: str = "TNS", revision: int = 0,
+                     produced_at_ms: int | None = None) -> dict[str, Any]:
+    """A spectrum packet (reader-schema dict) for a spectrum read from a file.
+
+    The reported label and redshift stay in the header for bookkeeping; the packet carries a redshift prior only
+    for rest-frame data, which cannot be placed on the observer-frame grid without it.
+    """
+    object_id = sf.object_id or sf.header.get("object") or sf.path.rsplit("/", 1)[-1].split(".")[0]
+    header = {k: str(v) for k, v in sf.header.items()}
+    prior = None
+    if sf.frame == "rest":
+        prior = {"z": float(sf.redshift or 0.0), "z_err": None, "origin": "file header"}
+    return {
+        "schema_version": "1.0",
+        "spectrum_id": spectrum_id_for(object_id, sf.wavelength, sf.flux),
+        "revision": revision,
+        "object_id": object_id,
+        "survey": survey,
+        "tns_name": None,
+        "candid": None,
+        "dia_object_id": None,
+        "ra": None,
+        "dec": None,
+        "instrument": sf.instrument or "unknown",
+        "telescope": sf.telescope,
+        "origin": None,
+        "spectrum_type": "source",
+        "obs_mjd": float(sf.mjd) if sf.mjd is not None else 0.0,
+        "exptime": None,
+        "wavelength": sf.wavelength.astype(float).tolist(),
+        "flux": sf.flux.astype(float).tolist(),
+        "flux_err": None if sf.flux_err is None else sf.flux_err.astype(float).tolist(),
+        "mask": None,
+        "wavelength_unit": sf.wavelength_unit,
+        "flux_unit": sf.flux_unit,
+        "wavelength_frame": sf.frame,
+        "wavelength_medium": "air",
+        "flux_calibrated": sf.flux_calibrated,
+        "resolving_power": None,
+        "quality_flag": None,
+        "redshift_prior": prior,
+        "header": header,
+        "produced_at": produced_at_ms if produced_at_ms is not None else int(time.time() * 1000),
+    }
