@@ -92,16 +92,18 @@ def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, mo
             raise RuntimeError("NaN in the activations")
         return real_predict(batch)
 
-    real_prepare = SpectrumClassifier._prepare
+    import spectranet.streamer.runtime.classifier as classifier_module
 
-    def prepare(self, packet):
-        prepared = real_prepare(self, packet)
+    real_prepare = classifier_module.prepare_packet
+
+    def prepare(packet, *args):
+        prepared = real_prepare(packet, *args)
         if packet["spectrum_id"] == poisoned:
             sentinel["bad"] = prepared
         return prepared
 
     monkeypatch.setattr(classifier_engine, "predict", predict)
-    monkeypatch.setattr(SpectrumClassifier, "_prepare", prepare)
+    monkeypatch.setattr(classifier_module, "prepare_packet", prepare)
     producer = FakeProducer()
     stats = _daemon(FakeConsumer(msgs), producer, db.create_engine(url), classifier_engine).run(
         max_messages=len(msgs))

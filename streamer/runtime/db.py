@@ -7,7 +7,7 @@ leaves the database as if it had been written once. One batch is one transaction
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
