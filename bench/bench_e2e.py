@@ -300,7 +300,7 @@ def single_daemon(*, bootstrap: str, pg_dsn: str, create_database: Any, base: li
     blocks = Blocks(base)
     pub = Publisher(bootstrap, topic)
     watcher = OutputWatcher(bootstrap, output)
-    res: dict[str, Any] = {"topic": topic, "partitions": 3, "database_url": url, "config": "defaults (batch.max_size 64, "
+    res: dict[str, Any] = {"topic": topic, "partitions": 3, "database_url": url, "config": "defaults (batch.max_packets 64, "
                            "batch.max_wait_s 1.0, pipelined)"}
     drain_items, drain_revs = blocks.take(n_drain)
     pub.burst(drain_items)

@@ -60,7 +60,7 @@ def run(min_time: float) -> dict[str, Any]:
         ckpt = Checkpoint(name=f"bench-{preset}", version="0.0.0", model_config=config, taxonomy=CLASSES,
                           preprocess=PreprocessConfig(grid=Grid(3500.0, 10000.0, config.n_bins)),
                           weights_sha256="", state_dict=model.state_dict())
-        engine = InferenceEngine(ckpt, device="cuda", max_batch_size=max(sizes), warmup=False)
+        engine = InferenceEngine(ckpt, device="cuda", max_forward_batch=max(sizes), warmup=False)
         for batch in sizes:
             x = np.random.default_rng(0).normal(size=(batch, 2, config.n_bins)).astype(np.float32)
             t_engine = _timed(lambda x=x, e=engine: e.predict_arrays(x), min_time=min_time)

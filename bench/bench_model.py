@@ -39,7 +39,7 @@ def _engine(preset: str, batch: int) -> InferenceEngine:
     ckpt = Checkpoint(name=f"bench-{preset}", version="0.0.0", model_config=config, taxonomy=CLASSES,
                       preprocess=PreprocessConfig(grid=Grid(3500.0, 10000.0, config.n_bins)),
                       weights_sha256="", state_dict=model.state_dict())
-    return InferenceEngine(ckpt, device="cpu", max_batch_size=batch, warmup=False)
+    return InferenceEngine(ckpt, device="cpu", max_forward_batch=batch, warmup=False)
 
 
 def time_batches(preset: str, batch: int, *, min_time: float, max_batches: int) -> dict[str, Any]:

@@ -50,9 +50,9 @@ def publish(bootstrap: str, topic: str, items: list[dict]) -> None:
 
 MODES = {
     # the walking skeleton: one thread, each batch written and published before the next is polled
-    "skeleton": {"batch": {"pipelined": False}, "model": {"cpu_batch_size": 256}},
-    "pipelined": {"batch": {"pipelined": True}, "model": {"cpu_batch_size": 256}},
-    "pipelined + cpu chunks of 16": {"batch": {"pipelined": True}, "model": {"cpu_batch_size": 16}},
+    "skeleton": {"batch": {"pipelined": False}, "model": {"cpu_forward_batch": 256}},
+    "pipelined": {"batch": {"pipelined": True}, "model": {"cpu_forward_batch": 256}},
+    "pipelined + cpu chunks of 16": {"batch": {"pipelined": True}, "model": {"cpu_forward_batch": 16}},
 }
 
 
@@ -63,7 +63,7 @@ def run_mode(kafka: services.KafkaService, pg: services.PostgresService, items: 
     settings = load_settings(
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": name, "input_topics": [f"{name}-in"],
                "output_topic": f"{name}-out", "session_timeout_ms": 6000},
-        database={"url": url}, batch={"max_size": batch, "max_wait_s": 0.2, **MODES[mode]["batch"]},
+        database={"url": url}, batch={"max_packets": batch, "max_wait_s": 0.2, **MODES[mode]["batch"]},
         model=MODES[mode]["model"])
     ensure_topics(settings.kafka, settings.kafka.input_topics, partitions=3)
     ensure_topics(settings.kafka, [settings.kafka.output_topic, settings.kafka.dead_letter_topic])

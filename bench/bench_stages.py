@@ -39,7 +39,7 @@ def _us_per_item(fn: Callable[[], int], *, min_time: float) -> tuple[float, int]
 
 
 def classifier() -> SpectrumClassifier:
-    engine = InferenceEngine(load_checkpoint(None), device="cpu", max_batch_size=256)
+    engine = InferenceEngine(load_checkpoint(None), device="cpu", max_forward_batch=256)
     return SpectrumClassifier(engine, codec=Codec("spectrum_packet"))
 
 

@@ -29,7 +29,7 @@ from spectranet.streamer.science.inference import InferenceEngine
 
 def run(*, bootstrap: str, topic: str, output_topic: str, database_url: str, group: str, max_messages: int,
         time_limit_s: float) -> dict[str, Any]:
-    engine = InferenceEngine(load_checkpoint(None), device="cpu", max_batch_size=1)
+    engine = InferenceEngine(load_checkpoint(None), device="cpu", max_forward_batch=1)
     clf = SpectrumClassifier(engine, codec=Codec("spectrum_packet"))
     out_codec = Codec("annotated_spectrum")
     database = db.create_engine(database_url)

@@ -336,7 +336,7 @@ def render() -> str:
             f"{best_b['batch']} ({100 * tp[64]['spectra_per_s'] / best_b['spectra_per_s']:.0f} %); batches of "
             f"128 and 256 are slower still ({tp.get(128, {}).get('spectra_per_s', float('nan')):,.1f} and "
             f"{tp.get(256, {}).get('spectra_per_s', float('nan')):,.1f}). The daemon hands the engine whole "
-            "micro-batches of up to 64, which it runs in chunks of `model.cpu_batch_size` (16) on CPU.")
+            "micro-batches of up to 64, which it runs in chunks of `model.cpu_forward_batch` (16) on CPU.")
     l10 = next(r for r in e2e["latency"] if r["target_per_s"] == 10)
     add(f"3. **Latency at low rates is the batching window.** At 10/s the median packet waits "
         f"{l10['wait_p50_s']:.2f} s of its {l10['p50_s']:.2f} s for the micro-batch to close (`batch.max_wait_s`, "

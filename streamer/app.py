@@ -23,10 +23,10 @@ def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
     if settings.database.migrate_on_start if upgrade_database is None else upgrade_database:
         db.upgrade(url)
     resolver = RegistrySchemas(k.schema_registry_url) if k.schema_registry_url else BundledSchemas()
-    engine = InferenceEngine(load_checkpoint(settings.model.path), device=settings.model.device,
-                             max_batch_size=settings.model.max_batch_size,
-                             cpu_batch_size=settings.model.cpu_batch_size, threads=settings.model.threads)
-    classifier = SpectrumClassifier(engine, codec=Codec("spectrum_packet", resolver=resolver,
+    inference = InferenceEngine(load_checkpoint(settings.model.path), device=settings.model.device,
+                             max_forward_batch=settings.model.max_forward_batch,
+                             cpu_forward_batch=settings.model.cpu_forward_batch, threads=settings.model.threads)
+    classifier = SpectrumClassifier(inference, codec=Codec("spectrum_packet", resolver=resolver,
                                                         max_message_bytes=k.max_message_bytes),
                                     store_raw_packets=settings.database.store_arrays)
     metrics = Metrics()
@@ -37,7 +37,7 @@ def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
         consumer=make_consumer(k), producer=make_producer(k), database=db.create_engine(url),
         classifier=classifier, input_topics=k.input_topics, output_topic=k.output_topic,
         dead_letter_topic=k.dead_letter_topic, output_codec=Codec("annotated_spectrum", resolver=resolver),
-        output_framing=k.output_framing, max_batch_size=settings.batch.max_size, max_wait_s=settings.batch.max_wait_s,
+        output_framing=k.output_framing, max_packets=settings.batch.max_packets, max_wait_s=settings.batch.max_wait_s,
         retry_backoff_s=settings.batch.retry_backoff_s, retry_backoff_max_s=settings.batch.retry_backoff_max_s,
         metrics=metrics, health=health, pipelined=settings.batch.pipelined,
         start_at_ms=start_at_ms,

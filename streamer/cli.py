@@ -77,10 +77,10 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
     from spectranet.streamer.tools.reprocess import reprocess
 
     settings = load_settings(args.config)
-    engine = InferenceEngine(load_checkpoint(args.model), device=settings.model.device)
-    classifier = SpectrumClassifier(engine, codec=Codec("spectrum_packet"))
+    inference = InferenceEngine(load_checkpoint(args.model), device=settings.model.device)
+    classifier = SpectrumClassifier(inference, codec=Codec("spectrum_packet"))
     ok, failed = reprocess(db.create_engine(settings.database.url.get_secret_value()), classifier)
-    print(f"re-classified {ok} stored spectra with {engine.checkpoint.name} {engine.checkpoint.version}"
+    print(f"re-classified {ok} stored spectra with {inference.checkpoint.name} {inference.checkpoint.version}"
           f" ({failed} could not be prepared)")
     return 0
 
@@ -106,9 +106,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from spectranet.streamer.science.inference import InferenceEngine
     from spectranet.streamer.tools.files import classify_files
 
-    engine = InferenceEngine(load_checkpoint(args.model), device=args.device)
+    inference = InferenceEngine(load_checkpoint(args.model), device=args.device)
     failed = 0
-    for result in classify_files(args.files, engine):
+    for result in classify_files(args.files, inference):
         failed += "error" in result
         if args.json:
             print(json.dumps(result), flush=True)
@@ -149,16 +149,16 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     from spectranet.streamer.tools.dlq import list_dead_letters, replay_dead_letters
 
     settings = load_settings(args.config)
-    engine = db.create_engine(settings.database.url.get_secret_value())
+    db_engine = db.create_engine(settings.database.url.get_secret_value())
     if args.dlq_command == "list":
-        rows = list_dead_letters(engine, limit=args.limit, error_class=args.error_class)
+        rows = list_dead_letters(db_engine, limit=args.limit, error_class=args.error_class)
         for r in rows:
             where = f"{r['source_topic']}[{r['source_partition']}]@{r['source_offset']}"
             print(f"{r['failed_at']:%Y-%m-%d %H:%M:%S} {where} "
                   f"{r['error_class']}({r['error_field'] or '-'}): {r['error_message']}")
         print(f"{len(rows)} dead letters shown")
     else:
-        n = replay_dead_letters(engine, settings.kafka.client_config(), topic=args.topic, error_class=args.error_class)
+        n = replay_dead_letters(db_engine, settings.kafka.client_config(), topic=args.topic, error_class=args.error_class)
         print(f"replayed {n} dead letters")
     return 0
 

@@ -7,11 +7,13 @@ in logs or ``repr``; they can also be read from a file named by ``SPECTRANET_DAT
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -37,6 +39,30 @@ _CONFIG_FILE: ContextVar[Path | None] = ContextVar("spectranet_config_file", def
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in the config file is an error, not a silent default
+
+    # Keys renamed in 0.2.0 (old name -> new name): still accepted, with a DeprecationWarning, until 0.3.0.
+    _renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_renamed_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls._renamed:
+            return data
+        data = dict(data)
+        for old, new in cls._renamed.items():
+            if old in data:
+                warnings.warn(f"config key {cls._section_name()}.{old} is deprecated (removed in 0.3.0): use "
+                              f"{cls._section_name()}.{new}", DeprecationWarning, stacklevel=2)
+                logging.getLogger(__name__).warning("config key %s.%s is deprecated: use %s.%s",
+                                                    cls._section_name(), old, cls._section_name(), new)
+                if new in data:
+                    raise ValueError(f"{cls._section_name()}: both {old} (deprecated) and {new} are set")
+                data[new] = data.pop(old)
+        return data
+
+    @classmethod
+    def _section_name(cls) -> str:
+        return cls.__name__.removesuffix("Settings").lower()
 
 
 class KafkaSettings(_Section):
@@ -91,13 +117,17 @@ class MetricsSettings(_Section):
 class ModelSettings(_Section):
     path: Path | None = None                     # None: the model shipped in the package
     device: str = "auto"                         # auto | cpu | cuda | cuda:N
-    max_batch_size: int = 256                    # per forward pass on GPU (halves on out-of-memory)
-    cpu_batch_size: int = 16                     # per forward pass on CPU, where small batches are faster
+    _renamed: ClassVar[dict[str, str]] = {"max_batch_size": "max_forward_batch", "cpu_batch_size": "cpu_forward_batch"}
+
+    max_forward_batch: int = 256                    # per forward pass on GPU (halves on out-of-memory)
+    cpu_forward_batch: int = 16                     # per forward pass on CPU, where small batches are faster
     threads: int | None = None                   # torch intra-op threads; None: one per core
 
 
 class BatchSettings(_Section):
-    max_size: int = 64                           # close a micro-batch at this many packets ...
+    _renamed: ClassVar[dict[str, str]] = {"max_size": "max_packets"}
+
+    max_packets: int = 64                           # close a micro-batch at this many packets ...
     max_wait_s: float = 0.25                     # ... or after this long, whichever comes first (latency bound)
     pipelined: bool = True                       # overlap the next batch's inference with this batch's I/O
     retry_backoff_s: float = 1.0                 # first wait after an infrastructure failure (doubles, capped)

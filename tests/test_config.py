@@ -40,8 +40,8 @@ def test_environment_overrides_file_and_file_overrides_defaults(tmp_path: Path, 
 
 def test_yaml_file_is_accepted_too(tmp_path: Path) -> None:
     cfg = tmp_path / "spectranet.yaml"
-    cfg.write_text("batch:\n  max_size: 7\n")
-    assert load_settings(cfg).batch.max_size == 7
+    cfg.write_text("batch:\n  max_packets: 7\n")
+    assert load_settings(cfg).batch.max_packets == 7
 
 
 def test_conflicting_topics_raise_a_clear_error(monkeypatch) -> None:
@@ -52,7 +52,7 @@ def test_conflicting_topics_raise_a_clear_error(monkeypatch) -> None:
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("SPECTRANET_LOG_LEVEL", "LOUD", "log_level"),
-    ("SPECTRANET_BATCH__MAX_SIZE", "many", "max_size"),
+    ("SPECTRANET_BATCH__MAX_PACKETS", "many", "max_packets"),
     ("SPECTRANET_KAFKA__AUTO_OFFSET_RESET", "sometimes", "auto_offset_reset"),
 ])
 def test_invalid_values_name_the_setting(monkeypatch, key: str, value: str, fragment: str) -> None:
@@ -88,3 +88,21 @@ def test_database_url_from_a_file(tmp_path: Path, monkeypatch) -> None:
     secret.write_text("postgresql+psycopg://u:p@h/d\n")
     monkeypatch.setenv("SPECTRANET_DATABASE__URL_FILE", str(secret))
     assert load_settings().database.url.get_secret_value() == "postgresql+psycopg://u:p@h/d"
+
+
+@pytest.mark.parametrize(("section", "old", "new"), [("batch", "max_size", "max_packets"),
+                                                      ("model", "max_batch_size", "max_forward_batch"),
+                                                      ("model", "cpu_batch_size", "cpu_forward_batch")])
+def test_renamed_keys_still_work_with_a_deprecation_warning(tmp_path, section, old, new) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"{section}:\n  {old}: 7\n")
+    with pytest.warns(DeprecationWarning, match=f"{section}.{old} is deprecated"):
+        settings = load_settings(cfg)
+    assert getattr(getattr(settings, section), new) == 7
+
+
+def test_old_and_new_key_together_is_an_error(tmp_path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch:\n  max_size: 7\n  max_packets: 8\n")
+    with pytest.raises(ConfigError, match="both max_size"), pytest.warns(DeprecationWarning):
+        load_settings(cfg)

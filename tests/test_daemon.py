@@ -58,7 +58,7 @@ def _daemon(consumer: FakeConsumer, producer: FakeProducer, database: sa.Engine,
     return Daemon(consumer=consumer, producer=producer, database=database,
                   classifier=SpectrumClassifier(engine, codec=Codec("spectrum_packet")), input_topics=[IN],
                   output_topic=OUT, dead_letter_topic=DLQ, output_codec=Codec("annotated_spectrum"),
-                  max_batch_size=4, max_wait_s=0.01, retry_backoff_s=0.01, **kw)
+                  max_packets=4, max_wait_s=0.01, retry_backoff_s=0.01, **kw)
 
 
 def _rows(database: sa.Engine, table: sa.Table) -> list[dict]:

@@ -273,12 +273,12 @@ class Setup:
                    "input_topics": [self.input_topic], "output_topic": self.output_topic,
                    "session_timeout_ms": SESSION_TIMEOUT_MS},
             database={"url": database_url or self.database_url},
-            batch={"max_size": 20, "max_wait_s": 0.5, "retry_backoff_s": 0.2, "retry_backoff_max_s": 1.0,
+            batch={"max_packets": 20, "max_wait_s": 0.5, "retry_backoff_s": 0.2, "retry_backoff_max_s": 1.0,
                    **self.batch},
             model={"path": model_path, "device": "cpu"})
 
     def env(self) -> dict[str, str]:
-        batch = {"max_size": 20, "max_wait_s": 0.5, **self.batch}
+        batch = {"max_packets": 20, "max_wait_s": 0.5, **self.batch}
         return {**os.environ,
                 "SPECTRANET_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
                 "SPECTRANET_KAFKA__GROUP_ID": self.group,
@@ -381,7 +381,7 @@ class DaemonProcess:
 
 
 def test_1000_packets_through_two_consumers_of_one_group(setup: Setup, tmp_path: Path) -> None:
-    setup.partitions, setup.batch = 4, {"max_size": 64}
+    setup.partitions, setup.batch = 4, {"max_packets": 64}
     setup.create_topics()
     packets = good_packets(1000)
     results, offsets = Results(setup.database_url), setup.offsets()
@@ -467,7 +467,7 @@ def malformed_run(kafka, postgres) -> Iterator[MalformedRun]:
     prefix = services.unique_name("dlq")
     url = services.create_database(postgres.dsn, prefix)
     try:
-        setup = Setup(kafka.bootstrap_servers, prefix, url, partitions=2, batch={"max_size": 64})
+        setup = Setup(kafka.bootstrap_servers, prefix, url, partitions=2, batch={"max_packets": 64})
         setup.create_topics()
         good = good_packets(1000)
         bad = [_bad(kind, i) for i, kind in zip(range(100), [*MALFORMED] * 15)]
@@ -644,7 +644,7 @@ def test_partitions_assigned_during_an_outage_lose_nothing(setup: Setup) -> None
 
 
 def test_sigterm_during_a_batch_finishes_it_and_never_half_writes(setup: Setup, tmp_path: Path) -> None:
-    setup.batch = {"max_size": 200}
+    setup.batch = {"max_packets": 200}
     setup.create_topics()
     # Enough packets that the daemon cannot drain them before the signal: with the 0.2.0 model a batch of 200 takes
     # well under a second here, and 500 packets were all done one second after the first batch.

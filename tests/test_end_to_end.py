@@ -67,7 +67,7 @@ def test_200_real_spectra_through_kafka_and_postgres(kafka, database_url, topic_
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": f"{topic_prefix}-g",
                "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out",
                "session_timeout_ms": 6000},
-        database={"url": database_url}, batch={"max_size": 64, "max_wait_s": 0.5})
+        database={"url": database_url}, batch={"max_packets": 64, "max_wait_s": 0.5})
     k = settings.kafka
     ensure_topics(k, k.input_topics, partitions=3)
     ensure_topics(k, [k.output_topic, k.dead_letter_topic])
@@ -102,7 +102,7 @@ def test_bad_spectra_are_dead_lettered_on_a_real_broker(kafka, database_url, top
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": f"{topic_prefix}-g",
                "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out",
                "session_timeout_ms": 6000},
-        database={"url": database_url}, batch={"max_size": 8, "max_wait_s": 0.5})
+        database={"url": database_url}, batch={"max_packets": 8, "max_wait_s": 0.5})
     k = settings.kafka
     ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
     n, _ = publish_files(paths, topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
@@ -154,7 +154,7 @@ def test_replay_from_a_time_in_a_separate_group(kafka, database_url, topic_prefi
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": f"{topic_prefix}-g",
                "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out",
                "session_timeout_ms": 6000},
-        database={"url": database_url}, batch={"max_size": 16, "max_wait_s": 0.5})
+        database={"url": database_url}, batch={"max_packets": 16, "max_wait_s": 0.5})
     k = settings.kafka
     ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
     publish_files(GOOD[:6], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
@@ -165,7 +165,7 @@ def test_replay_from_a_time_in_a_separate_group(kafka, database_url, topic_prefi
     assert build_daemon(settings, serve_metrics=False).run(max_messages=10, idle_timeout_s=60).classified == 10
 
     replay = load_settings(kafka={**k.model_dump(), "group_id": f"{topic_prefix}-replay"},
-                           database={"url": database_url}, batch={"max_size": 16, "max_wait_s": 0.5})
+                           database={"url": database_url}, batch={"max_packets": 16, "max_wait_s": 0.5})
     stats = build_daemon(replay, serve_metrics=False, start_at_ms=middle).run(idle_timeout_s=8)
     assert stats.classified == 4  # only what was published after `middle`
     with sa.create_engine(database_url).connect() as conn:  # same model: the replay added no rows

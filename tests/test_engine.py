@@ -40,7 +40,7 @@ def checkpoint() -> Checkpoint:
 
 @pytest.fixture
 def engine(checkpoint) -> InferenceEngine:
-    return InferenceEngine(checkpoint, device="cpu", max_batch_size=256)
+    return InferenceEngine(checkpoint, device="cpu", max_forward_batch=256)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_warm_up_runs_one_small_batch_at_start(checkpoint, monkeypatch):
 
 
 def test_large_batches_are_split_and_agree_with_one_by_one(checkpoint, monkeypatch):
-    engine = InferenceEngine(checkpoint, device="cpu", max_batch_size=3, warmup=False)
+    engine = InferenceEngine(checkpoint, device="cpu", max_forward_batch=3, warmup=False)
     x = _arrays(8, seed=1)
     sizes: list[int] = []
     _spy_on_forward(monkeypatch, engine.model, sizes)
@@ -167,23 +167,23 @@ def test_large_batches_are_split_and_agree_with_one_by_one(checkpoint, monkeypat
 def test_out_of_memory_halves_the_batch_and_loses_nothing(checkpoint, monkeypatch, caplog):
     x = _arrays(10, seed=2)
     reference = InferenceEngine(checkpoint, device="cpu", warmup=False).predict_arrays(x)
-    engine = InferenceEngine(checkpoint, device="cpu", max_batch_size=8, warmup=False)
+    engine = InferenceEngine(checkpoint, device="cpu", max_forward_batch=8, warmup=False)
     sizes: list[int] = []
     _spy_on_forward(monkeypatch, engine.model, sizes, fail_above=2)
     with caplog.at_level(logging.WARNING, logger="spectranet.streamer.science.inference"):
         preds = engine.predict_arrays(x)
-    assert engine.max_batch_size == 2  # 8 -> 4 -> 2, and it stays there for later calls
+    assert engine.max_forward_batch == 2  # 8 -> 4 -> 2, and it stays there for later calls
     assert sizes == [2, 2, 2, 2, 2]
     assert sum("out of memory" in r.getMessage() for r in caplog.records) == 2
     np.testing.assert_allclose(_as_table(preds), _as_table(reference), rtol=1e-5, atol=1e-6)
 
 
 def test_out_of_memory_at_batch_size_one_is_raised(checkpoint, monkeypatch):
-    engine = InferenceEngine(checkpoint, device="cpu", max_batch_size=4, warmup=False)
+    engine = InferenceEngine(checkpoint, device="cpu", max_forward_batch=4, warmup=False)
     _spy_on_forward(monkeypatch, engine.model, [], fail_above=0)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         engine.predict_arrays(_arrays(3))
-    assert engine.max_batch_size == 1
+    assert engine.max_forward_batch == 1
 
 
 # ------------------------------------------------------------------------------------------------ devices

@@ -37,7 +37,7 @@ def _settings(bootstrap: str, properties: dict[str, str], prefix: str, tmp_path:
     return load_settings(
         kafka={"bootstrap_servers": bootstrap, "group_id": f"{prefix}-g", "input_topics": [f"{prefix}-in"],
                "output_topic": f"{prefix}-out", "session_timeout_ms": 6000, "client_properties": properties},
-        database={"url": f"sqlite:///{tmp_path / 'secure.sqlite'}"}, batch={"max_size": 8, "max_wait_s": 0.5})
+        database={"url": f"sqlite:///{tmp_path / 'secure.sqlite'}"}, batch={"max_packets": 8, "max_wait_s": 0.5})
 
 
 def _through_the_daemon(settings: Settings, properties: dict[str, str]) -> tuple[Daemon, list[str]]:

@@ -40,7 +40,7 @@ def test_the_daemon_runs_with_least_privilege(kafka, daemon_role: str, topic_pre
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": f"{topic_prefix}-g",
                "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out",
                "session_timeout_ms": 6000},
-        database={"url": daemon_role, "migrate_on_start": False}, batch={"max_size": 8, "max_wait_s": 0.5})
+        database={"url": daemon_role, "migrate_on_start": False}, batch={"max_packets": 8, "max_wait_s": 0.5})
     k = settings.kafka
     ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
     n, _ = publish_files(GOOD[:10], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)

@@ -15,7 +15,7 @@ and so are labels that ``spectranet.streamer.science.taxonomy.map_label`` calls 
 (names canonicalised across sources: ``SN 2011fe`` = ``sn2011fe`` = ``2011fe``) to train or validation, stratified by
 class with a fixed seed, so no object ever has spectra on both sides.
 
-Users point ``load_manifest`` at their own CSV (``path, type, redshift[, phase]``) of files in any format that
+Users point ``read_labelled_entries`` at their own CSV (``path, type, redshift[, phase]``) of files in any format that
 ``spectranet.streamer.contract.readers.read_spectrum`` knows.
 """
 
@@ -36,7 +36,7 @@ from spectranet.streamer.errors import SpectraNetError
 from spectranet.streamer.science.preprocess import PreprocessConfig, to_angstrom
 from spectranet.streamer.science.taxonomy import CLASSES, map_label
 
-__all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manifest", "load_manifest", "read_lnw",
+__all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manifest", "read_labelled_entries", "read_lnw",
            "load_spectra", "load_galaxies", "canonical_object", "split_by_object", "counts_table",
            "save_pack", "load_pack"]
 
@@ -131,7 +131,7 @@ def read_manifest(path: str | Path, *, root: str | Path | None = None) -> list[M
     return entries
 
 
-def load_manifest(path: str | Path, *, root: str | Path | None = None) -> list[ManifestEntry]:
+def read_labelled_entries(path: str | Path, *, root: str | Path | None = None) -> list[ManifestEntry]:
     """A user's own manifest (path, type, redshift[, phase]) of spectrum files, ambiguous labels dropped."""
     return [e for e in read_manifest(path, root=root) if e.label is not None]
 

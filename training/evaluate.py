@@ -31,7 +31,7 @@ from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import figures
 from spectranet.training import metrics as M
 from spectranet.training.baseline import build_bank, match
-from spectranet.training.data import Spectrum, load_manifest
+from spectranet.training.data import Spectrum, read_labelled_entries
 from spectranet.training.train import TrainConfig, load_split, predict, simulate_set
 
 __all__ = ["TARGETS", "evaluate", "score", "targets_met"]
@@ -170,7 +170,7 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
             report["sets"]["validation, real SEDM spectra"] = _evaluate_set("real SEDM", xr, yr, zr, ckpt, net, bank,
                                                                             out, False)
     else:
-        entries = load_manifest(manifest)
+        entries = read_labelled_entries(manifest)
         x, y, z, _ = _real_inputs([(str(e.path), e.label, e.redshift) for e in entries if e.label], ckpt)
         if not len(y):
             raise SpectraNetError(f"{manifest}: no readable, labelled spectra to evaluate")

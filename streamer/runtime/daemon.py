@@ -54,7 +54,7 @@ class Daemon:
 
     def __init__(self, *, consumer: Any, producer: Any, database: Engine, classifier: SpectrumClassifier,
                  input_topics: Sequence[str], output_topic: str, dead_letter_topic: str, output_codec: Codec,
-                 output_framing: Framing = "schemaless", max_batch_size: int = 64, max_wait_s: float = 1.0,
+                 output_framing: Framing = "schemaless", max_packets: int = 64, max_wait_s: float = 1.0,
                  retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 30.0,
                  delivery_timeout_s: float = 60.0, metrics: Metrics | None = None,
                  health: HealthServer | None = None, pipelined: bool = True,
@@ -64,7 +64,7 @@ class Daemon:
         self.input_topics = list(input_topics)
         self.output_topic, self.dead_letter_topic = output_topic, dead_letter_topic
         self.output_codec, self.output_framing = output_codec, output_framing
-        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+        self.max_packets, self.max_wait_s = max_packets, max_wait_s
         self.retry_backoff_s, self.retry_backoff_max_s = retry_backoff_s, retry_backoff_max_s
         self.delivery_timeout_s = delivery_timeout_s
         self.metrics = metrics or Metrics()
@@ -185,7 +185,7 @@ class Daemon:
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _poll(self) -> list[Message]:
-        msgs = self.consumer.consume(num_messages=self.max_batch_size, timeout=self.max_wait_s)
+        msgs = self.consumer.consume(num_messages=self.max_packets, timeout=self.max_wait_s)
         good = []
         for msg in msgs:
             err = msg.error()

@@ -44,21 +44,21 @@ def select_device(requested: str) -> torch.device:
 
 
 class InferenceEngine:
-    def __init__(self, checkpoint: Checkpoint, *, device: str = "auto", max_batch_size: int = 256,
-                 cpu_batch_size: int = 16, threads: int | None = None, warmup: bool = True) -> None:
-        """``cpu_batch_size``: on CPU the model runs in chunks this small, because per-spectrum cost grows with the
+    def __init__(self, checkpoint: Checkpoint, *, device: str = "auto", max_forward_batch: int = 256,
+                 cpu_forward_batch: int = 16, threads: int | None = None, warmup: bool = True) -> None:
+        """``cpu_forward_batch``: on CPU the model runs in chunks this small, because per-spectrum cost grows with the
         batch beyond a few dozen (CPU time per spectrum, default preset, one thread: 5.5 ms at 16-32, 9.6 ms at 256).
         ``threads``: torch intra-op threads (None: torch's default, one per core)."""
         self.checkpoint = checkpoint
         self.device = select_device(device)
-        self.max_batch_size = max_batch_size if self.device.type == "cuda" else min(max_batch_size, cpu_batch_size)
+        self.max_forward_batch = max_forward_batch if self.device.type == "cuda" else min(max_forward_batch, cpu_forward_batch)
         if threads is not None:
             torch.set_num_threads(threads)
         self.taxonomy = checkpoint.taxonomy
         self.model = checkpoint.build_model().to(self.device).eval()
         self._pin = self.device.type == "cuda"
         if warmup:
-            self.predict_arrays(np.zeros((min(4, max_batch_size), 2, checkpoint.model_config.n_bins), np.float32))
+            self.predict_arrays(np.zeros((min(4, max_forward_batch), 2, checkpoint.model_config.n_bins), np.float32))
 
     def predict(self, batch: Sequence[Prepared]) -> list[Prediction]:
         if not batch:
@@ -71,14 +71,14 @@ class InferenceEngine:
         out: list[Prediction] = []
         start = 0
         while start < len(x):
-            chunk = x[start:start + self.max_batch_size]
+            chunk = x[start:start + self.max_forward_batch]
             try:
                 out.extend(self._run(chunk))
             except torch.cuda.OutOfMemoryError:
-                if self.max_batch_size == 1:
+                if self.max_forward_batch == 1:
                     raise
-                self.max_batch_size = max(1, self.max_batch_size // 2)
-                log.warning("CUDA out of memory; maximum batch size halved to %d", self.max_batch_size)
+                self.max_forward_batch = max(1, self.max_forward_batch // 2)
+                log.warning("CUDA out of memory; maximum batch size halved to %d", self.max_forward_batch)
                 torch.cuda.empty_cache()
                 continue
             start += len(chunk)

@@ -78,7 +78,7 @@ def run_demo(*, output_dir: Path) -> int:
         settings = load_settings(kafka={
             "bootstrap_servers": bootstrap, "group_id": f"spectranet-demo-{run_id}",
             "input_topics": ["spectra"], "output_topic": "spectra.annotated", "session_timeout_ms": 6000,
-        }, database={"url": db_url}, batch={"max_size": 32, "max_wait_s": 1.0})
+        }, database={"url": db_url}, batch={"max_packets": 32, "max_wait_s": 1.0})
         k = settings.kafka
         ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
         n, errors = publish_files(samples, topic=k.input_topics[0], bootstrap_servers=bootstrap)
@@ -99,8 +99,8 @@ def _report(db_url: str, samples: list[str], output_dir: Path) -> None:
     for path in samples:
         sf = read_spectrum(path)
         truth[packet_from_file(sf)["spectrum_id"]] = (sf, path)
-    engine = db.create_engine(db_url)
-    with engine.connect() as conn:
+    db_engine = db.create_engine(db_url)
+    with db_engine.connect() as conn:
         rows = conn.execute(sa.select(db.classifications).order_by(db.classifications.c.object_id)).mappings().all()
     print(f"\n{'object':<32}{'reported':<12}{'predicted':<11}{'p':>6}{'z rep':>8}{'z pred':>16}")
     for r in rows:

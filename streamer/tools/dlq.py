@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 __all__ = ["list_dead_letters", "replay_dead_letters"]
 
 
-def list_dead_letters(engine: Engine, *, limit: int = 50, error_class: str | None = None,
+def list_dead_letters(db_engine: Engine, *, limit: int = 50, error_class: str | None = None,
                       since: datetime | None = None) -> Sequence[sa.RowMapping]:
     q = sa.select(dead_letters.c.source_topic, dead_letters.c.source_partition, dead_letters.c.source_offset,
                   dead_letters.c.spectrum_id, dead_letters.c.error_class, dead_letters.c.error_field,
@@ -23,11 +23,11 @@ def list_dead_letters(engine: Engine, *, limit: int = 50, error_class: str | Non
         q = q.where(dead_letters.c.error_class == error_class)
     if since:
         q = q.where(dead_letters.c.failed_at >= since)
-    with engine.connect() as conn:
+    with db_engine.connect() as conn:
         return conn.execute(q.order_by(dead_letters.c.failed_at.desc()).limit(limit)).mappings().all()
 
 
-def replay_dead_letters(engine: Engine, producer_config: dict[str, Any], *, topic: str | None = None,
+def replay_dead_letters(db_engine: Engine, producer_config: dict[str, Any], *, topic: str | None = None,
                         error_class: str | None = None, since: datetime | None = None,
                         timeout_s: float = 60.0) -> int:
     """Publish the stored original bytes again, to their source topic (or ``topic``); returns how many were sent."""
@@ -39,7 +39,7 @@ def replay_dead_letters(engine: Engine, producer_config: dict[str, Any], *, topi
     producer = Producer({**producer_config, "enable.idempotence": True})
     failures: list[str] = []
     n = 0
-    with engine.connect() as conn:
+    with db_engine.connect() as conn:
         for row in conn.execute(q.order_by(dead_letters.c.failed_at)):
             producer.produce(topic or row.source_topic, value=row.payload,
                              on_delivery=lambda err, _m: failures.append(str(err)) if err else None)

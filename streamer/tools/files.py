@@ -52,8 +52,8 @@ def publish_files(paths: Iterable[str], *, topic: str, bootstrap_servers: str, f
 
 
 
-def _result(path: str, prepared: Prepared, pred: Any, engine: InferenceEngine) -> dict[str, Any]:
-    ck = engine.checkpoint
+def _result(path: str, prepared: Prepared, pred: Any, inference: InferenceEngine) -> dict[str, Any]:
+    ck = inference.checkpoint
     return {
         "file": path,
         "top_class": pred.top_class,
@@ -67,19 +67,19 @@ def _result(path: str, prepared: Prepared, pred: Any, engine: InferenceEngine) -
     }
 
 
-def classify_files(paths: Iterable[str], engine: InferenceEngine, *, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+def classify_files(paths: Iterable[str], inference: InferenceEngine, *, batch_size: int = 256) -> Iterator[dict[str, Any]]:
     """One result per path, in order; unreadable files yield ``{"file", "error"}`` and never stop the others."""
     pending: list[tuple[str, Prepared]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
-        preds = engine.predict([p for _, p in pending])
+        preds = inference.predict([p for _, p in pending])
         for (path, prepared), pred in zip(pending, preds):
-            yield _result(path, prepared, pred, engine)
+            yield _result(path, prepared, pred, inference)
         pending.clear()
 
     for path in paths:
         try:
-            pending.append((path, prepare_file(read_spectrum(path), engine.checkpoint.preprocess)))
+            pending.append((path, prepare_file(read_spectrum(path), inference.checkpoint.preprocess)))
         except (SpectrumFileError, PacketError) as exc:
             yield from flush()  # keep output in input order
             yield {"file": path, "error": f"{type(exc).__name__}: {exc}"}

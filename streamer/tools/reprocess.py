@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 __all__ = ["reprocess"]
 
 
-def _stored(engine: Engine, batch_size: int) -> Iterator[list[StoredMessage]]:
+def _stored(db_engine: Engine, batch_size: int) -> Iterator[list[StoredMessage]]:
     s, c = db.spectra, db.classifications
     source = (sa.select(c.c.spectrum_id, c.c.revision, sa.func.min(c.c.source_topic).label("topic"),
                         sa.func.min(c.c.source_partition).label("partition"),
@@ -26,7 +26,7 @@ def _stored(engine: Engine, batch_size: int) -> Iterator[list[StoredMessage]]:
     q = (sa.select(s.c.raw_packet, source.c.topic, source.c.partition, source.c.offset)
          .join(source, sa.and_(source.c.spectrum_id == s.c.spectrum_id, source.c.revision == s.c.revision))
          .where(s.c.raw_packet.is_not(None)).order_by(s.c.received_at))
-    with engine.connect() as conn:
+    with db_engine.connect() as conn:
         batch: list[StoredMessage] = []
         for row in conn.execute(q).yield_per(batch_size):
             batch.append(StoredMessage(row.topic, row.partition, row.offset, row.raw_packet))
@@ -37,15 +37,15 @@ def _stored(engine: Engine, batch_size: int) -> Iterator[list[StoredMessage]]:
             yield batch
 
 
-def reprocess(engine: Engine, classifier: SpectrumClassifier, *, batch_size: int = 256) -> tuple[int, int]:
+def reprocess(db_engine: Engine, classifier: SpectrumClassifier, *, batch_size: int = 256) -> tuple[int, int]:
     """Returns (classified, failed). Idempotent: running it twice with the same model adds nothing."""
     m = classifier.model
-    db.register_model(engine, name=m.name, version=m.version, weights_sha256=m.weights_sha256,
+    db.register_model(db_engine, name=m.name, version=m.version, weights_sha256=m.weights_sha256,
                       taxonomy=m.taxonomy, model_metadata=m.card())
     classified = failed = 0
-    for messages in _stored(engine, batch_size):
+    for messages in _stored(db_engine, batch_size):
         outcome = classifier.execute(messages, consumed_at=datetime.now(timezone.utc))
-        db.write_batch(engine, [r.rows for r in outcome.classified])
+        db.write_batch(db_engine, [r.rows for r in outcome.classified])
         classified += len(outcome.classified)
         failed += len(outcome.dead)
     return classified, failed
