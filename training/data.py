@@ -250,11 +250,18 @@ def load_galaxies(entries: Iterable[ManifestEntry]) -> list[tuple[np.ndarray, np
 # -------------------------------------------------------------------------------------------------------------- split
 
 
-def split_by_object(spectra: Sequence[Spectrum], *, val_fraction: float = 0.2, seed: int = 0) -> Split:
+HOLDOUT_SOURCES = ("sedm",)  # real target-instrument spectra: their objects are always validation objects
+
+
+def split_by_object(spectra: Sequence[Spectrum], *, val_fraction: float = 0.2, seed: int = 0,
+                    holdout_sources: Sequence[str] = HOLDOUT_SOURCES) -> Split:
     """Whole objects to train or validation, stratified by each object's (majority) class, reproducibly.
 
     Every class with at least two objects gets at least one validation object, so that every class is scored.
+    Objects with a spectrum from ``holdout_sources`` (the real SEDM spectra) are always in validation and count
+    towards their class's share, so that the target instrument is scored on objects the model never saw.
     """
+    forced = {s.object_id for s in spectra if s.source in holdout_sources}
     votes: dict[str, Counter] = defaultdict(Counter)
     for s in spectra:
         votes[s.object_id][s.label] += 1
@@ -268,7 +275,10 @@ def split_by_object(spectra: Sequence[Spectrum], *, val_fraction: float = 0.2, s
         order = rng.permutation(len(objs))
         n_val = int(round(val_fraction * len(objs)))
         n_val = max(n_val, 1) if len(objs) >= 2 else 0
-        val_objects.update(objs[i] for i in order[:n_val])
+        held = [o for o in objs if o in forced]
+        free = [objs[i] for i in order if objs[i] not in forced]
+        val_objects.update(held)
+        val_objects.update(free[:max(n_val - len(held), 0)])
     train = tuple(s for s in spectra if s.object_id not in val_objects)
     val = tuple(s for s in spectra if s.object_id in val_objects)
     return Split(train=train, val=val, val_objects=frozenset(val_objects))
