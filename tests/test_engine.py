@@ -113,7 +113,8 @@ def test_ood_score_spans_certain_to_uniform_and_z_is_never_negative(engine, monk
     def fake(x):
         logits = torch.zeros(x.shape[0], len(CLASSES))
         logits[0, 2] = 1000.0  # spectrum 0: certain; spectrum 1: uniform
-        return ModelOutput(logits=logits, z_mean=torch.tensor([-0.3, 0.2]), z_logvar=torch.tensor([0.0, -4.0]))
+        return ModelOutput(logits=logits, z_mean=torch.tensor([-0.3, 0.2]), z_logvar=torch.tensor([0.0, -4.0]),
+                           features=torch.zeros(x.shape[0], 8))
 
     monkeypatch.setattr(engine.model, "forward", fake)
     certain, uniform = engine.predict_arrays(_arrays(2))

@@ -137,6 +137,7 @@ class ModelOutput:
     logits: torch.Tensor    # [B, n_classes]
     z_mean: torch.Tensor    # [B]
     z_logvar: torch.Tensor  # [B]
+    features: torch.Tensor  # [B, hidden]: what the classifier's last layer reads (out-of-distribution distances)
 
 
 def rest_frame_view(x: torch.Tensor, z: torch.Tensor, *, log_step: float, rest_bins: int) -> torch.Tensor:
@@ -193,12 +194,13 @@ class SpectraNet(nn.Module):
         zz = self.redshift(h)                                      # [B, 2]
         z_mean, z_logvar = zz[:, 0], zz[:, 1].clamp(-20.0, 10.0)
         if self.rest_net is None:
-            return ModelOutput(logits=self.classifier(h), z_mean=z_mean, z_logvar=z_logvar)
+            return ModelOutput(logits=self.classifier(h), z_mean=z_mean, z_logvar=z_logvar, features=h)
         own = z_mean.detach()
         shift = (own if z is None else torch.where(torch.isnan(z), own, z)).clamp(0.0, self.config.max_shift_z)
         rest = rest_frame_view(x, shift, log_step=self.config.log_step, rest_bins=self.config.rest_bins)
-        return ModelOutput(logits=self.rest_net.classifier(self.rest_net.features(rest)), z_mean=z_mean,
-                           z_logvar=z_logvar)
+        h_rest = self.rest_net.features(rest)                      # [B, hidden]
+        return ModelOutput(logits=self.rest_net.classifier(h_rest), z_mean=z_mean, z_logvar=z_logvar,
+                           features=h_rest)
 
 
 def count_parameters(model: nn.Module) -> int:
