@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from spectranet.schemas import SCHEMA_VERSION
 from spectranet.streamer.science.checkpoint import Checkpoint
 from spectranet.streamer.science.inference import Prediction
 from spectranet.streamer.science.preprocess import Prepared
@@ -51,7 +52,7 @@ def build_annotation(packet: Mapping[str, Any], prepared: Prepared, prediction: 
     ranked = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)
     snr = prepared.median_snr
     return {
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
         "annotation_id": annotation_id(packet["spectrum_id"], packet["revision"], model.name, model.version),
         **{k: packet.get(k) for k in _COPIED},
         "classifier": {"name": model.name, "version": model.version, "weights_sha256": model.weights_sha256,

@@ -55,12 +55,7 @@ class BundledSchemas:
     The ids must agree between producer and consumer; the defaults give each bundled (name, version) a fixed id.
     """
 
-    ids: Mapping[int, tuple[str, str]] = field(
-        default_factory=lambda: {
-            1: (schemas.SPECTRUM_PACKET, "1.0"),
-            2: (schemas.ANNOTATED_SPECTRUM, "1.0"),
-        }
-    )
+    ids: Mapping[int, tuple[str, str]] = field(default_factory=lambda: dict(schemas.BUNDLED_SCHEMA_IDS))
 
     def schema(self, schema_id: int) -> dict[str, Any]:
         try:
@@ -188,7 +183,9 @@ class Codec:
             buf.write(_CONFLUENT_HEADER.pack(0, self.resolver.schema_id(self.name, self.version)))
             fastavro.schemaless_writer(buf, self.reader_schema, dict(record))
         elif framing == "container":
-            fastavro.writer(buf, self.reader_schema, [dict(record)], codec="null")
+            # The .avsc as written, not the parsed schema: fastavro orders a parsed schema's keys by set iteration,
+            # so its header (the embedded writer schema) would change with PYTHONHASHSEED.
+            fastavro.writer(buf, schemas.raw_schema(self.name, self.version), [dict(record)], codec="null")
         else:
             fastavro.schemaless_writer(buf, self.reader_schema, dict(record))
         return buf.getvalue()

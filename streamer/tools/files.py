@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Producer
+from spectranet.schemas import SCHEMA_VERSION
 from spectranet.streamer.contract.codec import Codec, Framing
 from spectranet.streamer.contract.readers import SpectrumFile, prepare_file, read_spectrum
 from spectranet.streamer.errors import PacketError, SpectraNetError, SpectrumFileError
@@ -110,7 +111,7 @@ def packet_from_file(sf: SpectrumFile, *, survey: str = "TNS", revision: int = 0
     if sf.frame == "rest":
         prior = {"z": float(sf.redshift or 0.0), "z_err": None, "origin": "file header"}
     return {
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
         "spectrum_id": spectrum_id_for(object_id, sf.wavelength, sf.flux),
         "revision": revision,
         "object_id": object_id,
