@@ -1,4 +1,5 @@
-"""Tests of spectranet.streamer.science.preprocess: each step alone, properties with hypothesis, and prepare() end to end.
+"""Tests of spectranet.streamer.science.preprocess (and .units): each step alone, properties with hypothesis, and
+prepare() end to end.
 
 Expected values come from physics (c / lambda^2, Morton's refractive index, line lists), from astropy, or from
 brute-force reference implementations written here, never from the module's own output.
@@ -26,6 +27,7 @@ from spectranet.streamer.errors import (
     UnitError,
 )
 from spectranet.streamer.science import preprocess as pp
+from spectranet.streamer.science import units
 from spectranet.streamer.science.preprocess import (
     Grid,
     PreprocessConfig,
@@ -217,6 +219,32 @@ def test_to_flambda_rejects_unknown_and_wrong_type(unit):
     with pytest.raises(UnitError) as info:
         to_flambda(np.ones(2), unit, np.array([4000.0, 5000.0]))
     assert info.value.field == "flux_unit"
+
+
+@pytest.mark.parametrize("unit", ["erg/s/cm2/Ang", "erg/s/cm2/Angs", "erg / (s cm2 Angstroms)", "erg/s/cm2/ANGSTROM"])
+def test_angstrom_spellings_inside_a_flux_unit(unit):
+    # Only the file readers' alias table knew these before streamer/science/units.py; packets read them now too.
+    w = np.array([4000.0, 6000.0])
+    f = np.array([1.0, 2.0])
+    np.testing.assert_allclose(to_flambda(f, unit, w), f)
+
+
+@pytest.mark.parametrize("unit", ["Angstroms", "ANGSTROM", "Ang", "10 A"])
+def test_angstrom_spellings_as_a_wavelength_unit(unit):
+    w = np.array([4000.0, 6000.0])
+    np.testing.assert_allclose(to_angstrom(w, unit), w * (10.0 if unit.startswith("10") else 1.0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("unit", ["erg/s/cm2/A", "flam", "fnu", "mJy", "W/m2/nm", "1e-17 erg/s/cm2/Angstrom",
+                                  "mag(AB)", "ABmag", "STmag", "photlam", "ph/s/cm2/Hz", "adu", "count", "ct / s",
+                                  "counts", "arbitrary", ""])
+def test_canonical_flux_unit_name_reads_back_the_same(unit):
+    # a reader stores units.flux_unit(text).name; preprocessing must read that name as the text it came from
+    first = units.flux_unit(unit)
+    again = units.flux_unit(first.name)
+    assert (again.kind, again.magnitude) == (first.kind, first.magnitude)
+    assert again.scale == pytest.approx(first.scale, rel=1e-12)
+    assert first.calibrated == (first.kind != "arbitrary")
 
 
 # ------------------------------------------------------------------------------------------------------ wavelength

@@ -1,4 +1,5 @@
-"""Tests for ``spectranet.streamer.contract.readers``: every format against its source numbers, SNID cards ignored, bad files rejected.
+"""Tests for ``spectranet.streamer.contract.readers``: every format against its source numbers, SNID cards ignored,
+bad files rejected.
 
 Expected values come from the source text files (parsed here with ``numpy.loadtxt``) and from
 ``tests/data/spectra/MANIFEST.csv``, never from the reader itself.
@@ -120,6 +121,26 @@ def test_shared_ascii_keeps_every_header_card() -> None:
     ],
 )
 def test_shared_ascii_card_values(tmp_path: Path, card: str, value: str, attribute: str, expected: object) -> None:
+    path = with_card(tmp_path, TABLE_SOURCE, card, value)
+    assert getattr(read_spectrum(path), attribute) == expected
+
+
+@pytest.mark.parametrize(
+    ("card", "value", "attribute", "expected"),
+    [  # spellings that only preprocessing's alias table knew before streamer/science/units.py
+        ("wavelength_unit", "nanometres", "wavelength_unit", "nm"),
+        ("wavelength_unit", "microns", "wavelength_unit", "micron"),
+        ("wavelength_unit", "ang", "wavelength_unit", "Angstrom"),
+        ("flux_unit", "flam", "flux_unit", CALIBRATED_FLUX_UNIT),
+        ("flux_unit", "flam", "flux_calibrated", True),
+        ("flux_unit", "counts", "flux_calibrated", False),
+        ("flux_unit", "ABmag", "flux_unit", "mag(AB)"),
+        # and one the readers knew already, inside a compound unit
+        ("flux_unit", "1e-17 erg/s/cm2/Ang", "flux_unit", "1e-17 erg / (Angstrom s cm2)"),
+    ],
+)
+def test_shared_ascii_reads_every_unit_alias(tmp_path: Path, card: str, value: str, attribute: str,
+                                             expected: object) -> None:
     path = with_card(tmp_path, TABLE_SOURCE, card, value)
     assert getattr(read_spectrum(path), attribute) == expected
 

@@ -27,12 +27,13 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
-from astropy import units as u
 from astropy.io import fits
 from astropy.time import Time
-from spectranet.streamer.errors import SpectrumFileError
+from spectranet.streamer.errors import SpectrumFileError, UnitError
+from spectranet.streamer.science import units
 from spectranet.streamer.science.preprocess import Prepared, PreprocessConfig, prepare
 
 __all__ = ["flux_err_as_sigma", "prepare_file", "FORMATS", "SpectrumFile", "read_spectrum", "sniff_format"]
@@ -40,7 +41,7 @@ __all__ = ["flux_err_as_sigma", "prepare_file", "FORMATS", "SpectrumFile", "read
 FORMATS = ("shared-ascii", "pysedm-ascii", "plain-ascii", "fits")
 
 DEFAULT_WAVELENGTH_UNIT = "Angstrom"
-CALIBRATED_FLUX_UNIT = "erg / (s cm2 Angstrom)"
+CALIBRATED_FLUX_UNIT = units.FLAMBDA
 UNCALIBRATED_FLUX_UNIT = ""
 
 # shared-ascii ``flux_kind`` values; anything else is an error rather than a guess.
@@ -69,8 +70,6 @@ _VAR_COLUMNS = ("VAR", "VARIANCE", "FLUX_VAR")
 _LINEAR_CTYPES = frozenset({"", "LINEAR", "WAVE", "AWAV", "WAVELENGTH", "LAMBDA", "PIXEL"})
 
 _HEADER_CARD = re.compile(r"^#\s*([A-Za-z][A-Za-z0-9_.\-]*)\s*:\s?(.*?)\s*$")
-# Spectroscopists write Angstrom as "A"/"Ang"; astropy would read "A" as Ampere or reject "Ang".
-_ANGSTROM_ALIASES = re.compile(r"(?<![A-Za-z])(?:A|Ang|Angs|angstroms|Angstroms)(?![A-Za-z])")
 _FITS_MAGIC = b"SIMPLE  ="
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -251,6 +250,18 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return out
 
 
+class _Columns(TypedDict):
+    wavelength: np.ndarray
+    flux: np.ndarray
+    flux_err: np.ndarray | None
+
+
+def _columns(table: np.ndarray) -> _Columns:
+    """``wavelength``, ``flux`` and ``flux_err`` (None without a third column) of a parsed text table, frozen."""
+    return {"wavelength": _frozen(table[:, 0]), "flux": _frozen(table[:, 1]),
+            "flux_err": _frozen(table[:, 2]) if table.shape[1] == 3 else None}
+
+
 def _card_dict(cards: list[tuple[int, str, str]], *, path: str) -> dict[str, str]:
     """Cards as a dict; a repeated key is an error unless it is commentary (joined with newlines)."""
     header: dict[str, str] = {}
@@ -300,37 +311,38 @@ def _card_text(header: Mapping[str, str], *keys: str) -> str | None:
 # Units
 
 
-def _parse_unit(text: str, *, path: str, field: str) -> u.UnitBase:
-    """Parse a unit string with astropy, reading spectroscopists' 'A'/'Ang' as Angstrom."""
-    cleaned = _ANGSTROM_ALIASES.sub("Angstrom", text.strip())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", u.UnitsWarning)
-            return u.Unit(cleaned, parse_strict="raise")
-    except ValueError as exc:
-        raise _fail(path, f"unit {text!r} is not an astropy unit", field=field) from exc
-
-
 def _wavelength_unit(text: str | None, *, path: str, field: str) -> str:
-    """Wavelength units must be lengths; None means the Angstrom default."""
+    """A file's wavelength column is a length (``units`` reads the spelling); None means the Angstrom default."""
     if _optional_text(text) is None:
         return DEFAULT_WAVELENGTH_UNIT
-    unit = _parse_unit(str(text), path=path, field=field)
+    try:
+        unit = units.parse_unit(str(text), field=field)
+    except UnitError as exc:
+        raise _fail(path, f"unit {text!r} is not an astropy unit", field=field) from exc
     if unit.physical_type != "length":
         raise _fail(path, f"unit {text!r} is not a length", field=field)
-    return unit.to_string()
+    return str(unit.to_string())
 
 
-def _flux_unit(text: str, *, path: str, field: str) -> tuple[str, bool]:
-    """Return (astropy string, calibrated?): flux densities are calibrated, counts and dimensionless are not."""
-    unit = _parse_unit(text, path=path, field=field)
-    if unit == u.Unit(CALIBRATED_FLUX_UNIT):
-        return CALIBRATED_FLUX_UNIT, True  # one spelling of the common unit, whatever the file wrote
-    if unit.is_equivalent(u.erg / u.s / u.cm**2 / u.AA) or unit.is_equivalent(u.Jy):
-        return unit.to_string(), True
-    if unit.is_equivalent(u.dimensionless_unscaled) or unit.is_equivalent(u.ct) or unit.is_equivalent(u.adu):
-        return unit.to_string(), False
-    raise _fail(path, f"unit {text!r} is not a flux density, count or dimensionless", field=field)
+def _flux_unit(text: str | None, calibrated: bool, *, path: str, field: str) -> tuple[str, bool]:
+    """(unit, calibrated?) from a flux unit card; without one, what the calibration card says. A physical flux
+    density is calibrated, an arbitrary unit (counts, ADU, dimensionless, ...) is not, anything else is an error."""
+    if text is None:
+        return (CALIBRATED_FLUX_UNIT if calibrated else UNCALIBRATED_FLUX_UNIT), calibrated
+    try:
+        unit = units.flux_unit(text)
+    except UnitError as exc:
+        raise _fail(path, f"unit {text!r} is not a flux density, count or dimensionless ({exc.reason})",
+                    field=field) from exc
+    return unit.name, unit.calibrated
+
+
+def _frame(header: Mapping[str, str], key: str, *, path: str) -> str:
+    """'observed' (the default) or 'rest', from the card ``key``."""
+    frame = (_optional_text(header.get(key)) or "observed").lower()
+    if frame not in _FRAMES:
+        raise _fail(path, f"frame must be 'observed' or 'rest', not {frame!r}", field=key)
+    return frame
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,27 +372,18 @@ def _read_shared_ascii(text: str, path: str) -> SpectrumFile:
         calibrated = False
     else:
         raise _fail(path, f"unknown flux_kind {kind!r}", field="flux_kind")
-    if "flux_unit" in header:
-        flux_unit, calibrated = _flux_unit(header["flux_unit"], path=path, field="flux_unit")
-    else:
-        flux_unit = CALIBRATED_FLUX_UNIT if calibrated else UNCALIBRATED_FLUX_UNIT
-
-    frame = (_optional_text(header.get("frame")) or "observed").lower()
-    if frame not in _FRAMES:
-        raise _fail(path, f"frame must be 'observed' or 'rest', not {frame!r}", field="frame")
+    flux_unit, calibrated = _flux_unit(header.get("flux_unit"), calibrated, path=path, field="flux_unit")
 
     return SpectrumFile(
         path=path,
         format="shared-ascii",
-        wavelength=_frozen(table[:, 0]),
-        flux=_frozen(table[:, 1]),
-        flux_err=_frozen(table[:, 2]) if table.shape[1] == 3 else None,
+        **_columns(table),
         wavelength_unit=_wavelength_unit(header.get("wavelength_unit"), path=path, field="wavelength_unit"),
         flux_unit=flux_unit,
         object_id=_optional_text(header.get("object")),
         label=_optional_text(header.get("type")),
         redshift=_optional_float(header, "redshift", path=path),
-        frame=frame,
+        frame=_frame(header, "frame", path=path),
         flux_calibrated=calibrated,
         mjd=_optional_float(header, "mjd", path=path),
         instrument=_optional_text(header.get("instrument")),
@@ -433,11 +436,8 @@ def _read_pysedm_ascii(text: str, path: str) -> SpectrumFile:
         flux_err = np.sqrt(variance)
 
     calibrated = _truthy_card(header["FLUXCAL"]) if "FLUXCAL" in header else True
-    unit_key = _first_present(header, ("BUNIT", "FLUXUNIT"))
-    if unit_key is not None:
-        flux_unit, calibrated = _flux_unit(header[unit_key], path=path, field=unit_key)
-    else:
-        flux_unit = CALIBRATED_FLUX_UNIT if calibrated else UNCALIBRATED_FLUX_UNIT
+    unit_key = _first_present(header, ("BUNIT", "FLUXUNIT")) or "BUNIT"
+    flux_unit, calibrated = _flux_unit(header.get(unit_key), calibrated, path=path, field=unit_key)
 
     return SpectrumFile(
         path=path,
@@ -472,24 +472,9 @@ def _read_plain_ascii(text: str, path: str) -> SpectrumFile:
         header["columns"] = " ".join(first)
         lines = lines[1:]
     table = _parse_rows(lines, path=path, ncols=None)
-    return SpectrumFile(
-        path=path,
-        format="plain-ascii",
-        wavelength=_frozen(table[:, 0]),
-        flux=_frozen(table[:, 1]),
-        flux_err=_frozen(table[:, 2]) if table.shape[1] == 3 else None,
-        wavelength_unit=DEFAULT_WAVELENGTH_UNIT,
-        flux_unit=UNCALIBRATED_FLUX_UNIT,
-        object_id=None,
-        label=None,
-        redshift=None,
-        frame="observed",
-        flux_calibrated=False,
-        mjd=None,
-        instrument=None,
-        telescope=None,
-        header=header,
-    )
+    return SpectrumFile(path=path, format="plain-ascii", **_columns(table), wavelength_unit=DEFAULT_WAVELENGTH_UNIT,
+                        flux_unit=UNCALIBRATED_FLUX_UNIT, flux_calibrated=False, frame="observed", header=header,
+                        object_id=None, label=None, redshift=None, mjd=None, instrument=None, telescope=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -657,14 +642,8 @@ def _read_fits(path: str) -> SpectrumFile:
     except (OSError, ValueError, TypeError, fits.VerifyError) as exc:
         raise _fail(path, f"unreadable FITS file: {exc}") from exc
 
-    if arrays.flux_unit_text is not None:
-        flux_unit, calibrated = _flux_unit(arrays.flux_unit_text, path=path, field="BUNIT")
-    else:
-        calibrated = _truthy_card(header["FLUXCAL"]) if "FLUXCAL" in header else False
-        flux_unit = CALIBRATED_FLUX_UNIT if calibrated else UNCALIBRATED_FLUX_UNIT
-    frame = (_optional_text(header.get("FRAME")) or "observed").lower()
-    if frame not in _FRAMES:
-        raise _fail(path, f"frame must be 'observed' or 'rest', not {frame!r}", field="FRAME")
+    calibrated = _truthy_card(header["FLUXCAL"]) if "FLUXCAL" in header else False
+    flux_unit, calibrated = _flux_unit(arrays.flux_unit_text, calibrated, path=path, field="BUNIT")
 
     return SpectrumFile(
         path=path,
@@ -677,7 +656,7 @@ def _read_fits(path: str) -> SpectrumFile:
         object_id=_card_text(header, "OBJECT"),
         label=_human_label(header),
         redshift=_optional_float(header, "REDSHIFT", path=path),
-        frame=frame,
+        frame=_frame(header, "FRAME", path=path),
         flux_calibrated=calibrated,
         mjd=_mjd_from_cards(header, path=path),
         instrument=_card_text(header, "INSTRUME"),

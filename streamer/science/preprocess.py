@@ -5,6 +5,9 @@ exactly the same code. ``prepare`` chains them:
 
     units -> clean -> air to vacuum -> rest frame -> flux-conserving rebin -> normalise -> S/N and flags
 
+Units are read and converted by ``units`` (the one home of unit strings, shared with the file readers);
+``to_angstrom`` and ``to_flambda`` are re-exported here because they are the first step of this chain.
+
 The model grid is log-uniform in *vacuum* Angstrom. Only the shape of the spectrum matters after normalisation, but
 every conversion is physically right so that intermediate results can be trusted and tested against astropy.
 
@@ -16,15 +19,11 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-import warnings
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Literal, Mapping, NamedTuple
+from typing import Any, Literal, Mapping, NamedTuple
 
 import numpy as np
-from astropy import constants as const
-from astropy import units as u
 from spectranet.streamer.errors import (
     ConfigError,
     LengthMismatchError,
@@ -32,8 +31,9 @@ from spectranet.streamer.errors import (
     NoOverlapError,
     PreprocessError,
     TooFewPixelsError,
-    UnitError,
 )
+from spectranet.streamer.science import units
+from spectranet.streamer.science.units import to_angstrom, to_flambda
 
 __all__ = [
     "PREPROCESS_VERSION",
@@ -83,8 +83,6 @@ NORMALISED_LIMIT = 100.0  # model input never exceeds this magnitude: one wild p
 _CLIP_PASSES = 2  # continuum fit: refits after clipping lines (the first fit is biased near strong lines)
 _MIN_CLIP = 0.02  # continuum fit: residuals within 2% are never clipped (noiseless spectra have sigma ~ 0)
 
-_C_AA_PER_S: float = const.c.to_value(u.AA / u.s)  # speed of light in Angstrom / s
-_HC_ERG_AA: float = (const.h * const.c).to_value(u.erg * u.AA)  # photon energy * wavelength
 _AIR_VACUUM_MIN_AA = 2000.0  # IAU convention: wavelengths below 2000 A are always quoted in vacuum
 
 
@@ -227,140 +225,6 @@ class Rebinned(NamedTuple):
     flux: FloatArray  # [n_out], mean flux density over the covered part of each bin, 0 where not covered
     flux_err: FloatArray | None  # [n_out], propagated 1-sigma error, 0 where not covered
     coverage: np.ndarray  # bool [n_out]
-
-
-# ------------------------------------------------------------------------------------------------------------ units
-
-_WAVELENGTH_ALIASES = {"a": "Angstrom", "ang": "Angstrom", "angs": "Angstrom", "angstroms": "Angstrom",
-                       "å": "Angstrom", "microns": "micron", "nanometers": "nm", "nanometres": "nm"}
-_FLUX_ALIASES = {"abmag": "mag(AB)", "stmag": "mag(ST)", "photlam": "ph / (s cm2 Angstrom)",
-                 "photnu": "ph / (s cm2 Hz)", "flam": "erg / (s cm2 Angstrom)", "fnu": "erg / (s cm2 Hz)"}
-_ARBITRARY_FLUX = {"", "dimensionless", "arbitrary", "arb", "arbitrary units", "a.u.", "count", "counts",
-                   "normalized", "normalised", "relative", "none"}
-_ARBITRARY_BASES = {u.count, u.adu, u.electron, u.s, u.pix}
-_BARE_A = re.compile(r"(?<![A-Za-z])A(?![A-Za-z])")  # "erg/s/cm2/A": Angstrom, not Ampere, in a spectrum
-
-_FLAM = u.erg / (u.s * u.cm**2 * u.AA)
-_FNU = u.erg / (u.s * u.cm**2 * u.Hz)
-_PHOTLAM = u.photon / (u.s * u.cm**2 * u.AA)
-_PHOTNU = u.photon / (u.s * u.cm**2 * u.Hz)
-
-
-def _parse_unit(text: str) -> u.UnitBase | None:
-    """Parse strictly; None when astropy does not know the string (multiple slashes are fine here)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", u.UnitsWarning)
-            return u.Unit(text, parse_strict="raise")
-    except (ValueError, TypeError):
-        return None
-
-
-@functools.lru_cache(maxsize=256)
-def _wavelength_converter(unit: str) -> Callable[[FloatArray], FloatArray]:
-    """A function taking values in ``unit`` to Angstrom; cached because parsing costs more than the numpy work."""
-    text = unit.strip()
-    parsed = _parse_unit(_WAVELENGTH_ALIASES.get(text.lower(), text))
-    if parsed is None:
-        raise UnitError(f"unknown wavelength unit {unit!r}", field="wavelength_unit")
-    if parsed.is_equivalent(u.AA):
-        scale = parsed.to(u.AA)
-        return lambda x: x * scale
-    if parsed.is_equivalent(u.AA, equivalencies=u.spectral()):  # frequency, energy, wavenumber
-        return parsed.get_converter(u.AA, equivalencies=u.spectral())
-    raise UnitError(f"{unit!r} is a {parsed.physical_type}, not a wavelength, frequency or energy",
-                    field="wavelength_unit")
-
-
-def to_angstrom(wavelength: FloatArray, unit: str) -> FloatArray:
-    """Wavelengths (or frequencies/energies, through the spectral equivalency) in Angstrom, float64.
-
-    Non-finite values pass through (``clean`` drops them); finite non-positive values raise, before conversion,
-    because 0 Hz would otherwise become an infinite wavelength and vanish silently.
-    """
-    w = np.asarray(wavelength, dtype=np.float64)
-    converter = _wavelength_converter(unit)
-    with np.errstate(invalid="ignore"):
-        if np.any(w <= 0):
-            raise NonPositiveWavelengthError("wavelengths must be strictly positive", field="wavelength")
-    return np.asarray(converter(w), dtype=np.float64)
-
-
-class _FluxKind(NamedTuple):
-    kind: Literal["flambda", "fnu", "photlam", "photnu", "arbitrary"]
-    scale: float  # multiply (physical) values by this to reach the kind's cgs reference unit
-    magnitude: bool  # values are magnitudes of the physical unit: 10**(-0.4 m) first
-
-
-def _classify_flux(parsed: u.UnitBase) -> _FluxKind | None:
-    magnitude = isinstance(parsed, u.MagUnit)
-    physical = parsed.physical_unit if magnitude else parsed
-    if isinstance(physical, u.FunctionUnitBase) or (not magnitude and isinstance(parsed, u.FunctionUnitBase)):
-        return None  # bare "mag", "dex": no zero point
-    for kind, ref in (("flambda", _FLAM), ("fnu", _FNU), ("photlam", _PHOTLAM), ("photnu", _PHOTNU)):
-        if physical.is_equivalent(ref):
-            return _FluxKind(kind, float(physical.to(ref)), magnitude)
-    if physical.physical_type == "dimensionless" or set(physical.decompose().bases) <= _ARBITRARY_BASES:
-        return _FluxKind("arbitrary", 1.0, magnitude)
-    return None
-
-
-@functools.lru_cache(maxsize=256)
-def _flux_kind(unit: str) -> _FluxKind:
-    text = unit.strip()
-    if text.lower() in _ARBITRARY_FLUX:
-        return _FluxKind("arbitrary", 1.0, False)
-    text = _FLUX_ALIASES.get(text.lower(), text)
-    parsed = _parse_unit(text)
-    kind = None if parsed is None else _classify_flux(parsed)
-    if kind is not None:
-        return kind
-    if _BARE_A.search(text):  # retry reading a bare "A" as Angstrom
-        retried = _parse_unit(_BARE_A.sub("Angstrom", text))
-        kind = _classify_flux(retried) if retried is not None else None
-        if kind is not None:
-            return kind
-    if parsed is None:
-        raise UnitError(f"unknown flux unit {unit!r}", field="flux_unit")
-    if isinstance(parsed, u.FunctionUnitBase):
-        raise UnitError(f"{unit!r} is a magnitude without a zero point; use mag(AB) or mag(ST)", field="flux_unit")
-    raise UnitError(f"{unit!r} ({parsed.physical_type}) is not a flux density", field="flux_unit")
-
-
-def _flambda_factor(kind: _FluxKind, wavelength_aa: FloatArray) -> FloatArray | float:
-    """Per-pixel factor from the kind's reference unit to erg / (s cm2 Angstrom)."""
-    if kind.kind == "fnu":  # F_lambda = F_nu c / lambda^2
-        return kind.scale * _C_AA_PER_S / wavelength_aa**2
-    if kind.kind == "photlam":  # one photon carries h c / lambda
-        return kind.scale * _HC_ERG_AA / wavelength_aa
-    if kind.kind == "photnu":
-        return kind.scale * _HC_ERG_AA * _C_AA_PER_S / wavelength_aa**3
-    return kind.scale
-
-
-def to_flambda(flux: FloatArray, flux_unit: str, wavelength_aa: FloatArray) -> FloatArray:
-    """Flux in erg / (s cm2 Angstrom) from any F_lambda, F_nu, photon-flux or AB/ST-magnitude unit.
-
-    Arbitrary units (empty, "dimensionless", "count", ...) are returned unchanged: only the shape matters downstream.
-    """
-    f = np.asarray(flux, dtype=np.float64)
-    kind = _flux_kind(flux_unit)
-    if kind.magnitude:
-        f = 10.0 ** (-0.4 * f)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return f * _flambda_factor(kind, np.asarray(wavelength_aa, dtype=np.float64))
-
-
-def _flambda_err(
-    flux_err: FloatArray, flux_flambda: FloatArray, flux_unit: str, wavelength_aa: FloatArray
-) -> FloatArray:
-    """Errors converted like ``to_flambda``: linearly, except magnitudes, where sigma_F = 0.4 ln(10) F sigma_m."""
-    err = np.asarray(flux_err, dtype=np.float64)
-    kind = _flux_kind(flux_unit)
-    if kind.magnitude:
-        return 0.4 * math.log(10.0) * np.abs(flux_flambda) * err
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return err * _flambda_factor(kind, np.asarray(wavelength_aa, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------------------------------- wavelength
@@ -744,10 +608,10 @@ def prepare(
     if frame == "rest":
         w = w * (1.0 + float(redshift))  # type: ignore[arg-type]  # checked above
     f_fl = to_flambda(f, flux_unit, w)
-    e_fl = None if e is None else _flambda_err(e, f_fl, flux_unit, w)
+    e_fl = None if e is None else units.flambda_err(e, f_fl, flux_unit, w)
     if e is None:
         flags.append("no_flux_err")
-    if not flux_calibrated or _flux_kind(flux_unit).kind == "arbitrary":
+    if not flux_calibrated or not units.flux_unit(flux_unit).calibrated:
         flags.append("uncalibrated")
 
     # clean, then vacuum rest-frame wavelengths
