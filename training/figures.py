@@ -13,8 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-from training import metrics as M  # noqa: E402
+from spectranet.training import metrics as M  # noqa: E402
 
 __all__ = ["plot_confusion", "plot_redshift", "plot_pr", "plot_reliability", "plot_simulated", "simulation_figure"]
 
