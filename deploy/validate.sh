@@ -116,6 +116,27 @@ for f in deploy/Dockerfile deploy/Dockerfile.cuda; do
         && grep -q "^ENTRYPOINT \[\"spectranet\", \"run\"\]" "$f" || { echo "$f"; exit 1; }
 done'
 
+check "Dockerfiles: the daemon's image carries no training/ and no [train] extra; spectranet is the daemon's CLI" \
+    python3 - <<'EOF'
+import re, sys, tomllib
+bad = []
+scripts = tomllib.load(open("pyproject.toml", "rb"))["project"]["scripts"]
+if scripts.get("spectranet") != "spectranet.streamer.cli:main":
+    bad.append(f"pyproject.toml: spectranet = {scripts.get('spectranet')!r}, not spectranet.streamer.cli:main")
+for f in ("deploy/Dockerfile", "deploy/Dockerfile.cuda"):
+    text = open(f).read()
+    if re.search(r"^(COPY|ADD)\s.*\btraining\b", text, re.M):
+        bad.append(f"{f} copies training/")
+    if re.search(r"pip install[^\n]*\[[^\]]*\btrain\b", text):
+        bad.append(f"{f} installs the [train] extra")
+    if "'spectranet.training', 'scipy', 'tqdm'" not in text:
+        bad.append(f"{f} does not check its site-packages for the training package, scipy and tqdm")
+    if re.search(r"^!training", open(f + ".dockerignore").read(), re.M):
+        bad.append(f"{f}.dockerignore lets training/ into the build context")
+print("\n".join(bad) or "no training/, no [train] extra, spectranet = spectranet.streamer.cli:main")
+sys.exit(1 if bad else 0)
+EOF
+
 # --- systemd -------------------------------------------------------------------------------------------------------
 if command -v systemd-analyze >/dev/null; then
     # verify wants ExecStart binaries to exist: point them at this machine's spectranet (or /bin/true).
