@@ -1,20 +1,33 @@
-"""Training package, pure parts: losses, schedule, metrics, split, readers of the template formats."""
+"""Training package, pure parts: losses, schedule, metrics, split, readers of the template formats, the loop's parts."""
 
 from __future__ import annotations
 
 import math
+from itertools import islice
 
 import numpy as np
 import pytest
 import torch
 from spectranet.streamer.contract.readers import flux_err_as_sigma
-from spectranet.streamer.errors import ConfigError
-from spectranet.streamer.science.model import PRESETS, SpectraNet
+from spectranet.streamer.errors import ConfigError, PreprocessError
+from spectranet.streamer.science.model import PRESETS, ModelConfig, SpectraNet
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import metrics as M
 from spectranet.training.data import Spectrum, canonical_object, load_pack, read_lnw, save_pack, split_by_object
+from spectranet.training.loop import (
+    SimulatedSet,
+    TrainConfig,
+    Trainee,
+    batch_keys,
+    ema_update,
+    learning_rate,
+    parse_overrides,
+    schedule_step,
+    train_step,
+)
 from spectranet.training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
-from spectranet.training.train import TrainConfig, classifier_z, ema_update, model_config, parse_overrides
+from spectranet.training.simulate import first_usable
+from spectranet.training.train import classifier_z, model_config
 
 # ------------------------------------------------------------------------------------------------------------ losses
 
@@ -233,3 +246,129 @@ def test_shipped_training_configs_load_and_chain():
     assert model_config(second) == model_config(first) and second.split_seed == first.split_seed
     assert second.val_fraction == first.val_fraction and second.out_dir != first.out_dir
     assert second.pred_z_fraction > 0 and second.z_noise > 0
+
+
+# -------------------------------------------------------------------------------------------------------------- loop
+
+
+class _Picky(SimulatedSet):
+    """One draw is (object id, one number from the rng); objects named bad* cannot be drawn."""
+
+    def draw(self, spectrum, rng):
+        if spectrum.object_id.startswith("bad"):
+            raise PreprocessError("cannot be simulated", field="flux")
+        return (spectrum.object_id, float(rng.random())), 0.1
+
+
+def test_sample_retry_takes_the_next_spectrum_of_the_same_class_and_is_seeded():
+    labels = {"bad0": "Ia", "ok1": "II", "bad2": "Ia", "bad3": "II", "ok4": "Ia", "bad5": "TDE"}
+    ds = _Picky([_spec(obj, label) for obj, label in labels.items()], [], seed=3)
+    (name, r), cls, z = ds[(0, 0)]  # bad0 -> ok1 is II -> bad2 -> bad3 is II -> ok4
+    assert (name, cls, z) == ("ok4", CLASSES.index("Ia"), 0.1)
+    assert ds[(0, 3)][0][0] == "ok1" and ds[(0, 3)][1] == CLASSES.index("II")  # wraps round, skips ok4 and bad0
+    assert ds[(0, 0)] == ds[(0, 0)] and ds[(1, 0)][0][1] != r  # the rng is seeded by (seed, epoch, index)
+    with pytest.raises(PreprocessError, match="TDE"):
+        ds[(0, 5)]
+
+
+def test_batch_keys_resume_at_any_step_and_ranks_share_a_global_batch():
+    straight = list(islice(batch_keys(10, 4, seed=1, start_step=0), 6))
+    assert list(islice(batch_keys(10, 4, seed=1, start_step=4), 2)) == straight[4:]
+    assert all(len(b) == 4 for b in straight) and straight[0][0][0] == 0 and straight[2][0][0] == 1  # 2 per epoch
+    for step in range(3):
+        ranks = [next(islice(batch_keys(10, 4, 1, step, rank=r, world=2), 1)) for r in range(2)]
+        assert sorted(ranks[0] + ranks[1]) == sorted(straight[step])
+
+
+def test_learning_rate_follows_the_schedule_and_the_time_budget():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110)
+    assert learning_rate(60, 1e9, cfg) == lr_at(60, base_lr=1.0, warmup_steps=10, max_steps=110)
+    timed = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, time_limit_min=1.0)
+    assert schedule_step(20, 30.0, timed) == 55  # half the time gone: half-way down the cosine
+    assert learning_rate(20, 60.0, timed) == pytest.approx(0.01)  # out of time: at the floor
+
+
+def _tiny_net(seed: int = 0) -> SpectraNet:
+    torch.manual_seed(seed)
+    return SpectraNet(ModelConfig(n_bins=64, widths=(4, 8), kernels=((5, 3, 1), (3, 1, 1)), hidden=16))
+
+
+def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, 2, 64, generator=g), torch.randint(0, len(CLASSES), (n,), generator=g),
+            torch.rand(n, generator=g) * 0.2)
+
+
+def test_trainee_decays_only_matrices_and_freezes_its_ema():
+    t = Trainee.create(_tiny_net(), TrainConfig(weight_decay=0.05, lr=3e-3))
+    decay, no_decay = t.optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and all(p.ndim >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(t.model.parameters()))
+    assert not any(p.requires_grad for p in t.ema.parameters()) and not t.ema.training
+    assert t.net is t.model
+
+
+def test_train_step_updates_weights_and_ema_and_skips_a_non_finite_batch():
+    cfg = TrainConfig(ema_decay=0.5, z_weight=0.7)
+    t = Trainee.create(_tiny_net(), cfg)
+    weights = torch.ones(len(CLASSES))
+    before = [p.detach().clone() for p in t.model.parameters()]  # the EMA starts as a copy of these
+    x, y, z = _batch()
+    out = train_step(t, x, y, z, lr=1e-2, weights=weights, cfg=cfg)
+    assert out.applied and out.loss == pytest.approx(out.classification + 0.7 * out.redshift, rel=1e-5)
+    assert all(g["lr"] == 1e-2 for g in t.optimizer.param_groups)
+    after = [p.detach().clone() for p in t.model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    for b, a, e in zip(before, after, t.ema.parameters()):
+        torch.testing.assert_close(e, 0.5 * b + 0.5 * a)
+    x_bad = x.clone()
+    x_bad[0, 0, 0] = math.inf  # a non-finite loss: the step is skipped, nothing moves
+    bad = train_step(t, x_bad, y, z, lr=1e-2, weights=weights, cfg=cfg)
+    assert not bad.applied
+    assert all(torch.equal(a, p) for a, p in zip(after, t.model.parameters()))
+
+
+def test_a_network_takes_only_its_own_losses():
+    cfg = TrainConfig(z_weight=2.0)
+    x, y, z = _batch()
+    z_only = train_step(Trainee.create(_tiny_net(), cfg, classify=False), x, y, z, lr=1e-3,
+                        weights=torch.ones(len(CLASSES)), cfg=cfg)
+    assert z_only.classification == 0.0 and z_only.redshift != 0.0
+    assert z_only.loss == pytest.approx(2.0 * z_only.redshift, rel=1e-6)
+    cls_only = train_step(Trainee.create(_tiny_net(), cfg, redshift=False), x, y, z, lr=1e-3,
+                          weights=torch.ones(len(CLASSES)), cfg=cfg)
+    assert cls_only.redshift == 0.0 and cls_only.loss == cls_only.classification > 0.0
+
+
+def test_dropout_seed_gives_equal_networks_equal_steps_and_leaves_the_global_rng_alone():
+    cfg = TrainConfig()
+    x, y, z = _batch()
+    w = torch.ones(len(CLASSES))
+    a, b, c = (Trainee.create(_tiny_net(), cfg) for _ in range(3))
+    state = torch.random.get_rng_state()
+    first = train_step(a, x, y, z, lr=1e-2, weights=w, cfg=cfg, dropout_seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert train_step(b, x, y, z, lr=1e-2, weights=w, cfg=cfg, dropout_seed=7) == first
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert train_step(c, x, y, z, lr=1e-2, weights=w, cfg=cfg, dropout_seed=8).loss != first.loss  # other masks
+
+
+def test_first_usable_draws_again_until_the_user_accepts():
+    spec = _spec("t", "Ia")
+    seen = []
+
+    def picky(sim):
+        seen.append(sim.z)
+        if len(seen) < 3:
+            raise PreprocessError("not this one", field="flux")
+        return sim.z
+
+    assert first_usable(spec, [], np.random.default_rng(0), picky, tries=5) == seen[-1] and len(seen) == 3
+    assert len(set(seen)) == 3  # every try is a new draw
+
+    def never(sim):
+        raise PreprocessError("never", field="flux")
+
+    with pytest.raises(PreprocessError, match="none of 2"):
+        first_usable(spec, [], np.random.default_rng(0), never, tries=2)

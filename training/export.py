@@ -1,9 +1,9 @@
 """Export a checkpoint that streamer loads into the package (``streamer/models``).
 
-``python -m spectranet.training.export --from runs/default/spectranet-sedm-0.2.0 [--evaluation runs/eval/metrics.json]`` ships a
-trained run's checkpoint, optionally recording the evaluation summary (SpectraNet vs the baseline) in its card.
-``python -m spectranet.training.export --untrained`` writes the placeholder model: the real architecture and preprocessing
-with seeded random weights, so that the whole pipeline runs before a trained model exists; its card says
+``python -m spectranet.training.export --from runs/default/spectranet-sedm-0.2.0 [--evaluation runs/eval/metrics.json]``
+ships a trained run's checkpoint, optionally recording the evaluation summary (SpectraNet vs the baseline) in its card.
+``python -m spectranet.training.export --untrained`` writes the placeholder model: the real architecture and
+preprocessing with seeded random weights, so that the whole pipeline runs before a trained model exists; its card says
 ``"trained": false`` and its predictions mean nothing.
 """
 

@@ -7,8 +7,9 @@ simulated on the fly, in this order (each step is a small pure function of its i
     draw z -> host galaxy light -> redshift -> reddening + calibration tilt -> R~100 Gaussian LSF
            -> SEDM pixels (start/step jitter, edge truncation) -> telluric residuals -> noise at SNR 5-100
 
-and the result goes through ``spectranet.streamer.science.preprocess.prepare`` with the checkpoint's ``PreprocessConfig``: the tensor the
-model trains on is made by exactly the code that makes it at inference. Same seed, same sample.
+and the result goes through ``spectranet.streamer.science.preprocess.prepare`` with the checkpoint's
+``PreprocessConfig``: the tensor the model trains on is made by exactly the code that makes it at inference. Same
+seed, same sample.
 
 Simplifications, stated: reddening is a power law A_lambda = A_V (lambda / 5500 A)^-1.3 rather than CCM; telluric
 residuals are multiplicative Gaussian-edged boxes at the O2 B and A bands and the 9300 A water band; the LSF is
@@ -18,8 +19,9 @@ constant in R across the range; noise is Gaussian with a variance that follows t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
@@ -28,7 +30,9 @@ from spectranet.streamer.science.preprocess import PreprocessConfig, prepare
 from spectranet.training.data import Spectrum
 
 __all__ = ["SimConfig", "Simulated", "SEDM_DEFAULT", "draw_redshift", "sedm_pixels", "apply_lsf", "simulate_sedm",
-           "simulate_input", "to_model_input"]
+           "first_usable", "simulate_input", "to_model_input"]
+
+T = TypeVar("T")
 
 _SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _TELLURIC_BANDS = ((6865.0, 6885.0), (7590.0, 7690.0), (8950.0, 9700.0))  # O2 B, O2 A, H2O (observed, A)
@@ -157,6 +161,22 @@ def to_model_input(wave: np.ndarray, flux: np.ndarray, flux_err: np.ndarray | No
     return p.model_input()
 
 
+def first_usable(spec: Spectrum, galaxies: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
+                 use: Callable[[Simulated], T], *, tries: int = 8, cfg: SimConfig = SEDM_DEFAULT) -> T:
+    """``use`` of the first of up to ``tries`` simulated observations that it can use (the one home of the draw
+    retry): a draw with too few pixels, or one that ``use`` rejects with ``PreprocessError``, is drawn again.
+    Raises ``PreprocessError`` when none of the ``tries`` draws is usable."""
+    for _ in range(tries):
+        sim = simulate_sedm(spec, galaxies, rng, cfg)
+        if sim is None:
+            continue
+        try:
+            return use(sim)
+        except PreprocessError:
+            continue
+    raise PreprocessError(f"{spec.path} epoch {spec.epoch}: none of {tries} simulated draws is usable", field="flux")
+
+
 def simulate_input(spec: Spectrum, galaxies: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
                    preprocess: PreprocessConfig, cfg: SimConfig = SEDM_DEFAULT,
                    tries: int = 8) -> tuple[np.ndarray, float]:
@@ -165,14 +185,13 @@ def simulate_input(spec: Spectrum, galaxies: Sequence[tuple[np.ndarray, np.ndarr
     After ``tries`` failed draws (a short template at a high z, say) the spectrum is simulated at its own redshift
     without truncation, which always reaches the grid because ``spectranet.training.data`` dropped spectra that do not.
     """
-    for _ in range(tries):
-        sim = simulate_sedm(spec, galaxies, rng, cfg)
-        if sim is None:
-            continue
-        try:
-            return to_model_input(sim.wave, sim.flux, sim.flux_err, preprocess), sim.z
-        except PreprocessError:
-            continue
+    def as_input(sim: Simulated) -> tuple[np.ndarray, float]:
+        return to_model_input(sim.wave, sim.flux, sim.flux_err, preprocess), sim.z
+
+    try:
+        return first_usable(spec, galaxies, rng, as_input, tries=tries, cfg=cfg)
+    except PreprocessError:
+        pass  # none of the draws reached the grid: the spectrum's own redshift, below
     z = max(spec.redshift, cfg.z_min)
     fallback = SimConfig(**{**cfg.__dict__, "truncate_prob": 0.0, "start_jitter": 0.0, "min_pixels": 10,
                             "host_prob": 0.0})
