@@ -234,6 +234,13 @@ def test_pack_clips_float16_overflow(tmp_path):
     assert train[0].flux[0] == 1.0 and summary == {"n": 1} and len(galaxies) == 1
 
 
+def test_config_from_a_checkpoint_card_keeps_what_it_knows_and_takes_overrides():
+    card = {"train_config": {"val_fraction": 0.3, "split_seed": 4, "manifest": "elsewhere.csv", "retired_key": 1}}
+    cfg = TrainConfig.from_checkpoint(card, manifest="here.csv")
+    assert (cfg.val_fraction, cfg.split_seed, cfg.manifest) == (0.3, 4, "here.csv")
+    assert TrainConfig.from_checkpoint({}) == TrainConfig()
+
+
 def test_shipped_training_configs_load_and_chain():
     """Every config in training/configs is a valid TrainConfig; finetune.yaml starts from what default.yaml writes."""
     from pathlib import Path

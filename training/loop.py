@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,15 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown training config keys {sorted(unknown)}")
         return cls(**data)
+
+    @classmethod
+    def from_checkpoint(cls, card: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+        """The config a checkpoint was trained with (its card's ``train_config``, as ``Checkpoint.extra`` holds it),
+        with ``overrides`` (say, where the manifest is on this host): evaluation and calibration rebuild the
+        checkpoint's own split from it. Keys this code no longer knows (older checkpoints) are left out."""
+        known = {f.name for f in fields(cls)}
+        stored = {k: v for k, v in card.get("train_config", {}).items() if k in known}
+        return cls(**{**stored, **overrides})
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
