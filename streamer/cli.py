@@ -17,7 +17,7 @@ log = logging.getLogger("spectranet")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from spectranet.streamer.app import build_daemon
+    from spectranet.streamer.app import build_daemon, close_daemon
     from spectranet.streamer.config import load_settings
     from spectranet.streamer.runtime.logs import configure_logging
 
@@ -38,8 +38,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    daemon = build_daemon(settings)
-    stats = daemon.run(stop, max_messages=args.max_messages, idle_timeout_s=args.idle_timeout)
+    daemon = build_daemon(settings)  # closes what it built if it fails part-way
+    try:
+        stats = daemon.run(stop, max_messages=args.max_messages, idle_timeout_s=args.idle_timeout)
+    except BaseException:
+        close_daemon(daemon)  # run() failed before its own finally (e.g. the model registration)
+        raise
     print(f"processed {stats.messages} packets in {stats.batches} batches: {stats.classified} classified, "
           f"{stats.dead_lettered} dead-lettered")
     return 0
@@ -49,7 +53,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     """Reprocess the input topics from a point in time, in a separate consumer group (production is untouched)."""
     from datetime import datetime, timezone
 
-    from spectranet.streamer.app import build_daemon
+    from spectranet.streamer.app import build_daemon, close_daemon
     from spectranet.streamer.config import load_settings
     from spectranet.streamer.runtime.logs import configure_logging
 
@@ -61,7 +65,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                                                  "group_instance_id": None})
     configure_logging(settings.log_level, settings.log_format)
     daemon = build_daemon(settings, serve_metrics=False, start_at_ms=int(since.timestamp() * 1000))
-    stats = daemon.run(idle_timeout_s=args.idle_timeout)
+    try:
+        stats = daemon.run(idle_timeout_s=args.idle_timeout)
+    except BaseException:
+        close_daemon(daemon)
+        raise
     print(f"replayed {stats.messages} packets since {since.isoformat()} in group {group}: "
           f"{stats.classified} classified, {stats.dead_lettered} dead-lettered")
     return 0
@@ -87,18 +95,40 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 
 def _cmd_produce(args: argparse.Namespace) -> int:
     from spectranet.streamer.config import load_settings
-    from spectranet.streamer.tools.files import publish_files
+    from spectranet.streamer.runtime.kafka_io import KafkaWatch, librdkafka_log
+    from spectranet.streamer.runtime.logs import setting_names
+    from spectranet.streamer.tools.files import NOT_DELIVERED, publish_files
 
     kafka = load_settings(args.config).kafka  # security settings (TLS, SASL) as for the daemon
-    n_ok, errors = publish_files(args.files, topic=args.topic,
-                                 bootstrap_servers=args.bootstrap_servers or kafka.bootstrap_servers,
-                                 framing=args.framing, survey=args.survey,
+    bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
+    # librdkafka reports every error to error_cb too, which says it once with the setting to change; its raw log
+    # would repeat that for a one-shot command.
+    librdkafka_log.setLevel(logging.CRITICAL)
+    watch = KafkaWatch(bootstrap_servers=bootstrap, setting="--bootstrap-servers" if args.bootstrap_servers
+                       else setting_names("kafka.bootstrap_servers"))
+    n_ok, errors = publish_files(args.files, topic=args.topic, bootstrap_servers=bootstrap, framing=args.framing,
+                                 survey=args.survey, timeout_s=args.timeout, watch=watch,
                                  extra_config={k: v for k, v in kafka.client_config().items()
                                                if k != "bootstrap.servers"})
+    undelivered = [err for path, err in errors if path == NOT_DELIVERED]
     for path, err in errors:
-        print(f"skipped {path}: {err}", file=sys.stderr)
+        if path != NOT_DELIVERED:
+            print(f"skipped {path}: {err}", file=sys.stderr)
+    for err in undelivered:
+        print(f"error: {err}", file=sys.stderr)
     print(f"published {n_ok} packets to {args.topic}")
-    return 1 if errors and not n_ok else 0
+    return 1 if undelivered or (errors and not n_ok) else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from spectranet.streamer.tools.check import run_checks
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # reading the revision announces the migration context
+    failed = 0
+    for result in run_checks(config_file=args.config, timeout_s=args.timeout):
+        print(result.line(), flush=True)
+        failed += not result.ok
+    return 1 if failed else 0
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
@@ -158,7 +188,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
                   f"{r['error_class']}({r['error_field'] or '-'}): {r['error_message']}")
         print(f"{len(rows)} dead letters shown")
     else:
-        n = replay_dead_letters(db_engine, settings.kafka.client_config(), topic=args.topic, error_class=args.error_class)
+        n = replay_dead_letters(db_engine, settings.kafka, topic=args.topic, error_class=args.error_class)
         print(f"replayed {n} dead letters")
     return 0
 
@@ -198,7 +228,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML or YAML config file (for the Kafka security settings)")
     p.add_argument("--framing", choices=["schemaless", "confluent", "container"], default="schemaless")
     p.add_argument("--survey", default="TNS")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="give up on packets not delivered this many seconds after the last one is sent (default 30)")
     p.set_defaults(func=_cmd_produce)
+
+    p = sub.add_parser("check", help="check the configuration, broker, topics, database and model; one line each")
+    p.add_argument("--config", type=Path, help="TOML or YAML config file (env SPECTRANET_* overrides it)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("classify", help="classify spectrum files (no Kafka, no database)")
     p.add_argument("files", nargs="+")
@@ -256,7 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # import-time chatter
     args = _parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from spectranet.streamer.errors import SpectraNetError
+
+    try:
+        return int(args.func(args) or 0)
+    except SpectraNetError as exc:  # the project's own errors say what to do in one line; no traceback
+        log.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":

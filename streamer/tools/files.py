@@ -5,37 +5,52 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError
 from spectranet.schemas import SCHEMA_VERSION
 from spectranet.streamer.contract.codec import Codec, Framing
 from spectranet.streamer.contract.readers import SpectrumFile, prepare_file, read_spectrum
-from spectranet.streamer.errors import PacketError, SpectraNetError, SpectrumFileError
+from spectranet.streamer.errors import ConfigError, PacketError, SpectraNetError, SpectrumFileError
+from spectranet.streamer.runtime.kafka_io import KafkaWatch, make_producer
 from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.science.preprocess import Prepared
 
-__all__ = ["publish_files", "packet_from_file", "spectrum_id_for", "classify_files"]
+__all__ = ["publish_files", "NOT_DELIVERED", "packet_from_file", "spectrum_id_for", "classify_files"]
+
+NOT_DELIVERED = "<not delivered>"  # the path of publish_files' error entry for packets without a delivery
 
 
 def publish_files(paths: Iterable[str], *, topic: str, bootstrap_servers: str, framing: Framing = "schemaless",
-                  survey: str = "TNS", extra_config: dict[str, str] | None = None,
-                  timeout_s: float = 60.0) -> tuple[int, list[tuple[str, str]]]:
-    """Returns (packets delivered, [(path, error)]); waits for every delivery report."""
-    codec = Codec("spectrum_packet")
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "enable.idempotence": True, "linger.ms": 20,
-                         "compression.type": "lz4", **(extra_config or {})})
-    errors: list[tuple[str, str]] = []
-    delivered = 0
+                  survey: str = "TNS", extra_config: Mapping[str, str] | None = None, timeout_s: float = 30.0,
+                  watch: KafkaWatch | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Publish each file as a spectrum packet; returns (packets delivered, [(path, error)]).
 
-    def on_delivery(err: object, msg: object) -> None:
+    Gives up ``timeout_s`` after the last packet was handed to the producer: packets still without a delivery report
+    are purged and reported as one ``(NOT_DELIVERED, "<n> of <m> packets not delivered ...: <why>")`` entry, where
+    *why* is the front-door line (e.g. the broker is unreachable) when there is one. ``extra_config``: the security
+    properties (TLS, SASL) as for the daemon.
+    """
+    extra = dict(extra_config or {})
+    if extra.get("bootstrap.servers", bootstrap_servers) != bootstrap_servers:
+        raise ConfigError("publish_files: bootstrap_servers and extra_config['bootstrap.servers'] differ")
+    watch = watch or KafkaWatch(bootstrap_servers=bootstrap_servers)
+    codec = Codec("spectrum_packet")
+    # A delivery report within the timeout, success or failure: librdkafka's default is five minutes.
+    producer = make_producer({**extra, "bootstrap.servers": bootstrap_servers},
+                             overrides={"message.timeout.ms": max(int(timeout_s * 1000), 1)}, watch=watch)
+    errors: list[tuple[str, str]] = []
+    failures: list[str] = []
+    produced = delivered = 0
+
+    def on_delivery(err: KafkaError | None, _msg: object) -> None:
         nonlocal delivered
         if err is None:
             delivered += 1
         else:
-            errors.append((str(msg), str(err)))
+            failures.append(err.str())
 
     for path in paths:
         try:
@@ -45,12 +60,16 @@ def publish_files(paths: Iterable[str], *, topic: str, bootstrap_servers: str, f
             continue
         producer.produce(topic, key=packet["object_id"].encode(), value=codec.encode(packet, framing=framing),
                          on_delivery=on_delivery)
+        produced += 1
         producer.poll(0)
-    remaining = producer.flush(timeout_s)
-    if remaining:
-        errors.append(("<producer>", f"{remaining} packets not delivered within {timeout_s} s"))
+    if producer.flush(timeout_s):
+        producer.purge()        # what is still queued or in flight fails now, with a delivery report each
+        producer.flush(1.0)
+    if delivered < produced:
+        why = str(watch.problem) if watch.problem is not None else (failures[0] if failures else "no delivery report")
+        errors.append((NOT_DELIVERED, f"{produced - delivered} of {produced} packets not delivered to {topic!r} "
+                                      f"within {timeout_s:g} s: {why}"))
     return delivered, errors
-
 
 
 def _result(path: str, prepared: Prepared, pred: Any, inference: InferenceEngine) -> dict[str, Any]:
