@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from spectranet.streamer.errors import CheckpointError, ConfigError
+from spectranet.streamer.science.calibration import Calibration
 from spectranet.streamer.science.model import ModelConfig, SpectraNet
 from spectranet.streamer.science.preprocess import (
     PREPROCESS_VERSION,
@@ -39,6 +40,7 @@ class Checkpoint:
     weights_sha256: str
     preprocess_version: str = PREPROCESS_VERSION
     temperature: float = 1.0                 # softmax temperature from calibration on validation
+    calibration: Calibration = field(default_factory=Calibration)  # purity thresholds, out-of-distribution model
     extra: dict[str, Any] = field(default_factory=dict)  # training summary, metrics, notes
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -63,6 +65,7 @@ class Checkpoint:
             "preprocess": self.preprocess.to_dict(),
             "preprocess_version": self.preprocess_version,
             "temperature": self.temperature,
+            **({"calibration": self.calibration.to_dict()} if self.calibration != Calibration() else {}),
             "weights_sha256": self.weights_sha256,
             **({"extra": self.extra} if self.extra else {}),
         }
@@ -85,7 +88,7 @@ def sha256_file(path: Path) -> str:
 
 def save_checkpoint(model: SpectraNet, path: str | Path, *, name: str, version: str, taxonomy: tuple[str, ...],
                     preprocess: PreprocessConfig, temperature: float = 1.0,
-                    extra: dict[str, Any] | None = None) -> Checkpoint:
+                    calibration: Calibration | None = None, extra: dict[str, Any] | None = None) -> Checkpoint:
     """Write ``path`` (.safetensors) and its JSON card; returns the checkpoint as it will load."""
     path, card_path = _paths(path)
     if len(taxonomy) != model.config.n_classes:
@@ -95,7 +98,7 @@ def save_checkpoint(model: SpectraNet, path: str | Path, *, name: str, version: 
     save_file(state, str(path), metadata={"name": name, "version": version})
     ckpt = Checkpoint(name=name, version=version, model_config=model.config, taxonomy=tuple(taxonomy),
                       preprocess=preprocess, weights_sha256=sha256_file(path), temperature=temperature,
-                      extra=dict(extra or {}), state_dict=state)
+                      calibration=calibration or Calibration(), extra=dict(extra or {}), state_dict=state)
     card_path.write_text(json.dumps(ckpt.card(), indent=2) + "\n")
     return ckpt
 
@@ -133,6 +136,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         taxonomy=tuple(card["taxonomy"]), preprocess=preprocess,
         preprocess_version=card["preprocess_version"],
         weights_sha256=actual, temperature=float(card.get("temperature", 1.0)),
+        calibration=Calibration.from_dict(card.get("calibration")),
         extra=card.get("extra", {}), state_dict=load_file(str(weights)),
     )
 

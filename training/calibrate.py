@@ -1,0 +1,227 @@
+"""Calibrate a trained checkpoint: temperature, per-class purity thresholds, out-of-distribution distance.
+
+    python -m spectranet.training.calibrate --model runs/v040/spectranet-sedm-0.4.0 --out runs/v040/calibrated
+
+Reads top to bottom:
+
+1. data: the checkpoint's own object-held-out split (same manifest, seed and validation objects as its training).
+2. sets: the training spectra once through the SEDM simulation (features for the out-of-distribution model); the
+   validation spectra as **real-degraded** (real observed spectra at their own redshift, degraded to SEDM) and as
+   **simulated** (rest-frame templates at drawn redshifts); see ``evaluation_sets``.
+3. fit on validation: the softmax temperature (NLL), the per-class thresholds for the target purities
+   (``TARGET_PURITY``), and the out-of-distribution threshold (``OOD_QUANTILE`` of in-taxonomy validation distances).
+4. write the checkpoint again with the temperature and ``calibration`` in its card (weights unchanged).
+
+Everything fitted here uses validation spectra, so ``spectranet evaluate`` reports calibration metrics cross-fitted
+(fit on one half of the validation objects, scored on the other, and back), never on the spectra it was fitted on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from spectranet.streamer.errors import PreprocessError, SpectraNetError
+from spectranet.streamer.science.calibration import Calibration, fit_out_of_distribution, purity_thresholds
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.preprocess import PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.training import metrics as M
+from spectranet.training.data import Spectrum, read_manifest
+from spectranet.training.simulate import SEDM_DEFAULT, simulate_input
+from spectranet.training.train import TrainConfig, load_split
+
+__all__ = ["TARGET_PURITY", "OOD_QUANTILE", "OBSERVED_SOURCES", "Outputs", "EvalSet", "evaluation_sets",
+           "non_transient_templates", "simulate_non_transients", "non_transient_set", "run_model", "fit_calibration",
+           "object_folds", "calibrate"]
+
+TARGET_PURITY = {"Ia": 0.99, **{c: 0.90 for c in CLASSES if c != "Ia"}}
+OOD_QUANTILE = 0.96
+OBSERVED_SOURCES = frozenset({"wiserep", "sedm", "osc", "osc-tde", "slsne"})  # real spectra, observed frame
+NON_TRANSIENT_TYPES = frozenset({"m-dwarf", "galaxy", "agn", "qso"})
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Model inputs of one evaluation set: x [N, 2, n_bins], class index y [N] (-1: not a taxonomy class), z [N]."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    objects: np.ndarray   # canonical object name per row (for object-wise cross-fitting)
+    sources: np.ndarray   # manifest source per row
+
+
+@dataclass(frozen=True)
+class Outputs:
+    logits: np.ndarray    # [N, C]
+    z: np.ndarray         # [N] the redshift network's estimate
+    z_err: np.ndarray     # [N]
+    features: np.ndarray  # [N, H]
+
+
+def _simulate(spectra: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, *, seed: int,
+              keep_source_z: float, labelled: bool = True) -> EvalSet:
+    cfg = replace(SEDM_DEFAULT, keep_source_z=keep_source_z)
+    xs, ys, zs, objs, srcs = [], [], [], [], []
+    for i, s in enumerate(spectra):
+        try:
+            x, z = simulate_input(s, galaxies, np.random.default_rng([seed, i]), preprocess, cfg)
+        except PreprocessError:
+            continue
+        xs.append(x), zs.append(z), objs.append(s.object_id), srcs.append(s.source)
+        ys.append(CLASSES.index(s.label) if labelled else -1)
+    n_bins = preprocess.grid.n_bins
+    return EvalSet(x=np.stack(xs) if xs else np.zeros((0, 2, n_bins), np.float32), y=np.array(ys, int),
+                   z=np.array(zs, float), objects=np.array(objs), sources=np.array(srcs))
+
+
+def evaluation_sets(val: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, *,
+                    seed: int = 12345) -> dict[str, EvalSet]:
+    """``real-degraded``: real observed validation spectra at their own redshift through the SEDM simulation (R~100
+    line-spread, SEDM pixels, noise, coverage cuts, host light); ``simulated``: validation templates (rest frame) at
+    drawn redshifts. The real SEDM spectra are scored as they are, by ``spectranet evaluate``."""
+    real = [s for s in val if s.source in OBSERVED_SOURCES and s.redshift > 0]
+    templates = [s for s in val if s.source not in OBSERVED_SOURCES]
+    return {"real-degraded": _simulate(real, galaxies, preprocess, seed=seed, keep_source_z=1.0),
+            "simulated": _simulate(templates, galaxies, preprocess, seed=seed + 1, keep_source_z=0.0)}
+
+
+def non_transient_templates(data_manifest: str | Path) -> list[tuple[Spectrum, str]]:
+    """The rest-frame non-transient templates (SNID-SAGE stars, galaxies and AGN; the host-galaxy templates), with
+    their kind ('star', 'galaxy', 'agn'): the negatives of the out-of-distribution fit. The real non-transient
+    spectra (``non_transient_set``) are never used for fitting, only for scoring."""
+    from spectranet.training.data import _entry_spectra
+
+    out: list[tuple[Spectrum, str]] = []
+    for e in read_manifest(data_manifest):
+        kind = e.raw_type.strip().lower().split("/")[0]
+        if e.source in ("snid-sage", "galaxies") and kind in ("star", "galaxy", "agn"):
+            try:
+                got = _entry_spectra(e)
+            except (SpectraNetError, ValueError, OSError):
+                continue
+            out.extend((replace(s, label="Ia"), kind) for s in got)  # label unused
+    return out
+
+
+_NON_TRANSIENT_Z = {"star": 0.002, "galaxy": 0.3, "agn": 1.5}  # upper redshift per kind for the simulation
+
+
+def simulate_non_transients(templates: list[tuple[Spectrum, str]], preprocess: PreprocessConfig, *, draws: int = 60,
+                            seed: int = 5) -> np.ndarray:
+    """x [N, 2, n_bins]: each non-transient template ``draws`` times through the SEDM simulation (stars at z ~ 0)."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for _ in range(draws):
+        for spec, kind in templates:
+            cfg = replace(SEDM_DEFAULT, z_min=0.0, z_max=(), z_max_default=_NON_TRANSIENT_Z[kind], keep_source_z=0.0,
+                          host_prob=0.0)
+            try:
+                x, _ = simulate_input(spec, [], rng, preprocess, cfg)
+            except PreprocessError:
+                continue
+            xs.append(x)
+    return np.stack(xs)
+
+
+def non_transient_set(data_manifest: str | Path, galaxies: list, preprocess: PreprocessConfig, *,
+                      seed: int = 54321) -> EvalSet:
+    """The real non-transient spectra (M dwarfs, galaxies, an AGN: ``wiserep``) degraded to SEDM at their own
+    redshift (0 for stars): what a follow-up stream meets and the model must call out of distribution."""
+    from spectranet.training.data import _entry_spectra
+
+    spectra: list[Spectrum] = []
+    for e in read_manifest(data_manifest):
+        if e.source in OBSERVED_SOURCES and e.raw_type.strip().lower() in NON_TRANSIENT_TYPES:
+            try:
+                got = _entry_spectra(replace(e, redshift=e.redshift or 0.0))
+            except (SpectraNetError, ValueError, OSError):
+                continue
+            spectra.extend(replace(s, label="Ia") for s in got)  # placeholder label, not used (labelled=False)
+    for s in spectra:
+        object.__setattr__(s, "redshift", max(s.redshift, 1e-4))  # keep its own (near-zero) redshift
+    return _simulate(spectra, galaxies, preprocess, seed=seed, keep_source_z=1.0, labelled=False)
+
+
+@torch.inference_mode()
+def run_model(model: torch.nn.Module, x: np.ndarray, *, batch: int = 256, z: np.ndarray | None = None) -> Outputs:
+    """Logits, redshift and features of ``model`` (eval mode) over x [N, 2, n_bins]; ``z`` (two networks): the
+    redshifts the classifier's rest-frame views use instead of the network's own."""
+    model.eval()
+    logits, zm, ze, feats = [], [], [], []
+    for k in range(0, len(x), batch):
+        zb = None if z is None else torch.as_tensor(z[k:k + batch], dtype=torch.float32)
+        out = model(torch.from_numpy(np.ascontiguousarray(x[k:k + batch])), zb)
+        logits.append(out.logits.float()), zm.append(out.z_mean.float().clamp(min=0.0))
+        ze.append(torch.exp(0.5 * out.z_logvar.float())), feats.append(out.features.float())
+    if not logits:
+        return Outputs(np.zeros((0, len(CLASSES))), np.zeros(0), np.zeros(0), np.zeros((0, 1)))
+    return Outputs(torch.cat(logits).numpy(), torch.cat(zm).numpy(), torch.cat(ze).numpy(), torch.cat(feats).numpy())
+
+
+def fit_calibration(x_train: np.ndarray, x_non_transient: np.ndarray, x_val: np.ndarray, val_out: Outputs,
+                    y_val: np.ndarray) -> tuple[float, Calibration]:
+    """Temperature and purity thresholds from validation outputs; the out-of-distribution score from training
+    transients vs simulated non-transient templates (inputs x [N, 2, n_bins]), thresholded on validation."""
+    temperature = M.fit_temperature(val_out.logits, y_val)
+    probs = M.softmax(val_out.logits, temperature)
+    thresholds = purity_thresholds(probs, y_val, CLASSES, TARGET_PURITY)
+    ood = fit_out_of_distribution(x_train[:, 0], x_non_transient[:, 0], in_distribution=x_val[:, 0],
+                                  quantile=OOD_QUANTILE)
+    return temperature, Calibration(thresholds=thresholds, target_purity=dict(TARGET_PURITY), ood=ood)
+
+
+def object_folds(objects: np.ndarray, seed: int = 0) -> np.ndarray:
+    """0/1 per row, whole objects on one side: for cross-fitting calibration on validation."""
+    names = sorted(set(objects.tolist()))
+    side = dict(zip(names, np.random.default_rng(seed).permutation(len(names)) % 2))
+    return np.array([side[o] for o in objects])
+
+
+def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path = "../shared/data/manifest.csv",
+              max_train: int = 6000) -> Checkpoint:
+    torch.set_num_threads(2)
+    ckpt = load_checkpoint(model)
+    net = ckpt.build_model().eval()
+    # 1. data: the checkpoint's own split
+    train, val, galaxies, _ = load_split(TrainConfig.from_checkpoint(ckpt.extra, manifest=str(data_manifest)))
+    # 2. sets
+    rng = np.random.default_rng(0)
+    train_sub = [train[i] for i in sorted(rng.permutation(len(train))[:max_train])]
+    tr = _simulate(train_sub, galaxies, ckpt.preprocess, seed=777, keep_source_z=SEDM_DEFAULT.keep_source_z)
+    sets = evaluation_sets(val, galaxies, ckpt.preprocess)
+    x_val = np.concatenate([s.x for s in sets.values()])
+    y_val = np.concatenate([s.y for s in sets.values()])
+    x_nt = simulate_non_transients(non_transient_templates(data_manifest), ckpt.preprocess)
+    # 3. fit
+    temperature, calibration = fit_calibration(tr.x, x_nt, x_val, run_model(net, x_val), y_val)
+    # 4. write
+    stem = Path(out) / f"{ckpt.name}-{ckpt.version}"
+    extra = {**ckpt.extra, "calibration_fit": {
+        "n_train_spectra": int(len(tr.y)), "n_validation_spectra": int(len(y_val)),
+        "sets": {k: int(len(v.y)) for k, v in sets.items()}, "n_non_transient_simulations": int(len(x_nt)),
+        "ood_quantile": OOD_QUANTILE}}
+    return save_checkpoint(net, stem, name=ckpt.name, version=ckpt.version, taxonomy=ckpt.taxonomy,
+                           preprocess=ckpt.preprocess, temperature=temperature, calibration=calibration, extra=extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="trained checkpoint (path without suffix)")
+    ap.add_argument("--out", required=True, help="folder for the calibrated checkpoint")
+    ap.add_argument("--data-manifest", default="../shared/data/manifest.csv")
+    args = ap.parse_args(argv)
+    ckpt = calibrate(args.model, args.out, data_manifest=args.data_manifest)
+    print(json.dumps({"temperature": ckpt.temperature, "thresholds": ckpt.calibration.thresholds,
+                      "ood_threshold": None if ckpt.calibration.ood is None else ckpt.calibration.ood.threshold},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
