@@ -16,9 +16,10 @@ from spectranet.streamer.science.preprocess import prepare
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import metrics as M
 from spectranet.training.ablation import Variant, run_ablation, winner_overrides
+from spectranet.training.calibrate import evaluation_sets
 from spectranet.training.data import load_galaxies, load_spectra, read_manifest, save_pack
 from spectranet.training.evaluate import evaluate
-from spectranet.training.train import TrainConfig, load_split, simulate_set, train
+from spectranet.training.train import TrainConfig, load_split, train
 
 _LINES = {"Ia": 6150.0, "II": 6563.0, "Ic": 7774.0, "SLSN-I": 4200.0}
 
@@ -94,8 +95,10 @@ def test_two_step_training_checkpoint_engine_and_evaluate(tiny_data: Path, tmp_p
     data = json.loads((out / "metrics.json").read_text())
     assert data["summary"]["n"] == report["summary"]["n"] > 0
     assert "SpectraNet_classifier_given_true_z" not in data["summary"]  # one network: no rest-frame classifier
-    assert {"SpectraNet", "baseline", "SpectraNet_beats_baseline", "ece"} <= set(data["summary"])
-    for name in ("confusion.png", "confusion_baseline.png", "redshift.png", "pr.png", "reliability.png"):
+    assert {"SpectraNet", "SpectraNet + templates", "baseline", "SpectraNet_beats_baseline", "ece"} \
+        <= set(data["summary"])
+    for name in ("confusion.png", "confusion_baseline.png", "redshift.png", "pr.png", "reliability.png",
+                 "purity_completeness.png"):
         assert (out / name).stat().st_size > 1000
 
     # a user's own manifest of real files
@@ -165,7 +168,8 @@ def test_two_networks_train_export_and_run_in_the_engine(tiny_data: Path, tmp_pa
                       out_dir=tmp_path / "eval-two", max_templates=4)
     given = report["summary"]["SpectraNet_classifier_given_true_z"]
     _, val, galaxies, _ = load_split(cfg)
-    x, y, z = simulate_set(val, galaxies, loaded.preprocess, repeats=cfg.val_repeats, seed=cfg.val_seed)
+    main = evaluation_sets(val, galaxies, loaded.preprocess)[report["summary"]["set"]]
+    x, y, z = main.x, main.y, main.z
     net = loaded.build_model().eval()
     with torch.no_grad():
         logits = net(torch.from_numpy(x), torch.from_numpy(z).float()).logits.numpy()

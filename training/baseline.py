@@ -1,7 +1,7 @@
 """A SNID-style template matcher: the baseline SpectraNet has to beat, run on exactly the same inputs.
 
 Like SNID (Blondin & Tonry 2007): spectra on a log-wavelength grid, so a redshift is a shift; continuum removed and
-edges apodised (``spectranet.streamer.science.preprocess.remove_continuum``); every template is cross-correlated with the input over all
+edges apodised (``science.preprocess.remove_continuum``); every template is cross-correlated with the input over all
 redshifts 0..z_max at once with FFTs; the score of a (template, z) pair is the overlap-normalised correlation
 coefficient times the overlap fraction (SNID's r x lap, with r the plain correlation coefficient rather than SNID's
 peak-height ratio). The best-scoring template gives the type and the redshift.

@@ -142,9 +142,8 @@ def non_transient_set(data_manifest: str | Path, galaxies: list, preprocess: Pre
                 got = _entry_spectra(replace(e, redshift=e.redshift or 0.0))
             except (SpectraNetError, ValueError, OSError):
                 continue
-            spectra.extend(replace(s, label="Ia") for s in got)  # placeholder label, not used (labelled=False)
-    for s in spectra:
-        object.__setattr__(s, "redshift", max(s.redshift, 1e-4))  # keep its own (near-zero) redshift
+            # label unused (labelled=False); a tiny positive z so the simulation keeps the spectrum's own redshift
+            spectra.extend(replace(s, label="Ia", redshift=max(s.redshift, 1e-4)) for s in got)
     return _simulate(spectra, galaxies, preprocess, seed=seed, keep_source_z=1.0, labelled=False)
 
 

@@ -1,7 +1,7 @@
 """Labelled spectra for training and evaluation: read a manifest, map labels, split by object.
 
 Every source in ``../shared/data/manifest.csv`` is read into one ``Spectrum`` per epoch, in the *rest frame*, with a
-continuum-like flux (positive, median 1): the simulator (``spectranet.training.simulate``) then redshifts it to a drawn z and
+continuum-like flux (positive, median 1): the simulator (``training.simulate``) then redshifts it to a drawn z and
 degrades it to SEDM. Two quirks of the data are handled here, once:
 
 - SNID ``.lnw`` templates hold several epochs per file, continuum-flattened (flux / continuum - 1) and zero-padded
@@ -11,7 +11,7 @@ degrades it to SEDM. Two quirks of the data are handled here, once:
   a ``flux_err`` whose median is below 1e-6 of the median |flux| is read as a variance and square-rooted.
 
 Spectra that do not reach the model grid at their own redshift (HST files at 0-40 A, IR-only spectra) are dropped,
-and so are labels that ``spectranet.streamer.science.taxonomy.map_label`` calls ambiguous. ``split_by_object`` assigns whole objects
+and so are labels that ``science.taxonomy.map_label`` calls ambiguous. ``split_by_object`` assigns whole objects
 (names canonicalised across sources: ``SN 2011fe`` = ``sn2011fe`` = ``2011fe``) to train or validation, stratified by
 class with a fixed seed, so no object ever has spectra on both sides.
 
@@ -36,7 +36,8 @@ from spectranet.streamer.errors import SpectraNetError
 from spectranet.streamer.science.preprocess import PreprocessConfig, to_angstrom
 from spectranet.streamer.science.taxonomy import CLASSES, map_label
 
-__all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manifest", "read_labelled_entries", "read_lnw",
+__all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manifest", "read_labelled_entries",
+           "read_lnw",
            "load_spectra", "load_galaxies", "canonical_object", "split_by_object", "counts_table",
            "save_pack", "load_pack"]
 

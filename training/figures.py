@@ -96,6 +96,24 @@ def plot_reliability(probs_before: np.ndarray, probs_after: np.ndarray, y_true: 
     return _save(fig, path)
 
 
+def plot_purity_completeness(scores: np.ndarray, positive: np.ndarray, path: Path, title: str = "") -> Path:
+    """Purity and completeness of the positive class against the threshold on its score."""
+    order = np.argsort(-np.asarray(scores))
+    pos = np.asarray(positive, bool)[order]
+    tp = np.cumsum(pos)
+    purity = tp / np.arange(1, pos.size + 1)
+    completeness = tp / max(1, pos.sum())
+    thresholds = np.asarray(scores)[order]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(thresholds, purity, label="purity")
+    ax.plot(thresholds, completeness, label="completeness")
+    ax.set_xlabel("threshold on p(class)")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def plot_simulated(real: tuple[np.ndarray, np.ndarray], real_title: str,
                    simulated: Sequence[tuple[np.ndarray, np.ndarray, str]], path: Path) -> Path:
     """A real SEDM spectrum (top) above simulated ones, each scaled to median 1 and offset."""

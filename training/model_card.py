@@ -1,6 +1,7 @@
 """Markdown tables for the model card from a checkpoint card and an evaluation's ``metrics.json``.
 
-``python -m spectranet.training.model_card CHECKPOINT METRICS_JSON`` prints them; the prose around them is written by hand.
+``python -m spectranet.training.model_card CHECKPOINT METRICS_JSON`` prints them; the
+prose around them is written by hand.
 """
 
 from __future__ import annotations
