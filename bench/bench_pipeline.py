@@ -2,7 +2,7 @@
 
     python bench/bench_pipeline.py [--packets 2000] [--batch 64] [--out bench/results/pipeline.json]
 
-Starts the same services as the integration tests (tests/services.py), publishes N real spectra (the 200 test
+Starts the same services as the integration tests (tests/support/), publishes N real spectra (the 200 test
 fixtures, each with several revisions), and times each daemon mode from its first poll to its last commit, the model
 already warm. Each mode gets its own topic, group and database, so both start cold on the same broker.
 """
@@ -31,7 +31,9 @@ from spectranet.streamer.contract.readers import read_spectrum  # noqa: E402
 from spectranet.streamer.runtime.kafka_io import ensure_topics  # noqa: E402
 from spectranet.streamer.tools.files import packet_from_file  # noqa: E402
 
-from tests import services  # noqa: E402
+from tests.support.common import unique_name  # noqa: E402
+from tests.support.kafka import KafkaService, start_kafka  # noqa: E402
+from tests.support.postgres import PostgresService, create_database, start_postgres  # noqa: E402
 
 
 def packets(n: int) -> list[dict]:
@@ -56,10 +58,10 @@ MODES = {
 }
 
 
-def run_mode(kafka: services.KafkaService, pg: services.PostgresService, items: list[dict], *, mode: str,
+def run_mode(kafka: KafkaService, pg: PostgresService, items: list[dict], *, mode: str,
              batch: int) -> dict:
-    name = services.unique_name("bench")
-    url = services.create_database(pg.dsn, name)
+    name = unique_name("bench")
+    url = create_database(pg.dsn, name)
     settings = load_settings(
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": name, "input_topics": [f"{name}-in"],
                "output_topic": f"{name}-out", "session_timeout_ms": 6000},
@@ -85,7 +87,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/pipeline.json")
     args = ap.parse_args()
-    kafka, pg = services.start_kafka(), services.start_postgres()
+    kafka, pg = start_kafka(), start_postgres()
     try:
         items = packets(args.packets)
         results = [run_mode(kafka, pg, items, mode=m, batch=args.batch) for m in MODES]

@@ -4,7 +4,7 @@
 
 1. model only (before any service starts): spectra/s and batch latency against batch size, FLOPs, matmul FLOP/s;
 2. stages, microseconds per spectrum (decode, prepare, infer, annotate, encode, database write, produce);
-3. end to end through Apache Kafka and PostgreSQL (tests/services.py starts them): one daemon subprocess's
+3. end to end through Apache Kafka and PostgreSQL (tests/support/ starts them): one daemon subprocess's
    sustained throughput, latency at 10/s, 50/s and the max sustainable rate, a 5,000 burst, peak RSS, a py-spy profile;
 4. the naive consumer (bench/naive_consumer.py) on the same input topic, i.e. the same packets;
 5. scaling: 1, 2 and 4 daemons in one group over 8 partitions.
@@ -68,25 +68,27 @@ def run(args: argparse.Namespace) -> None:
     import naive_consumer
     from spectranet.streamer.runtime import db
 
-    from tests import services
+    from tests.support.common import unique_name
+    from tests.support.kafka import start_kafka
+    from tests.support.postgres import create_database, start_postgres
 
-    kafka, pg = services.start_kafka(), services.start_postgres()
+    kafka, pg = start_kafka(), start_postgres()
     svc = {"kafka": kafka.backend, "postgres": pg.backend}
     try:
-        name = services.unique_name("stages")
-        url = services.create_database(pg.dsn, name)
+        name = unique_name("stages")
+        url = create_database(pg.dsn, name)
         db.upgrade(url)
         stages = bench_stages.run(quick=args.quick, bootstrap=kafka.bootstrap_servers, db_url=url, topic=f"{name}-out")
         save("stages", {**mode, **svc, **stages}, args.threads)
 
         base = base_packets()
         e2e = bench_e2e.single_daemon(bootstrap=kafka.bootstrap_servers, pg_dsn=pg.dsn,
-                                      create_database=services.create_database, base=base, quick=args.quick,
+                                      create_database=create_database, base=base, quick=args.quick,
                                       threads=args.threads)
         save("e2e", {**mode, **svc, **e2e}, args.threads)
 
-        name = services.unique_name("naive")
-        url = services.create_database(pg.dsn, name)
+        name = unique_name("naive")
+        url = create_database(pg.dsn, name)
         db.upgrade(url)
         naive = naive_consumer.run(bootstrap=kafka.bootstrap_servers, topic=e2e["topic"], output_topic=f"{name}-out",
                                    database_url=url, group=name, max_messages=100 if args.quick else 600,
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
         save("naive", {**mode, **svc, **naive}, args.threads)
 
         scale = bench_e2e.scaling(bootstrap=kafka.bootstrap_servers, pg_dsn=pg.dsn,
-                                  create_database=services.create_database, base=base, quick=args.quick,
+                                  create_database=create_database, base=base, quick=args.quick,
                                   threads=args.threads, counts=(1, 2) if args.quick else (1, 2, 4))
         save("scaling", {**mode, **svc, "rows": scale}, args.threads)
     finally:
@@ -143,8 +145,8 @@ def render() -> str:
     add("")
     add("`python bench/run_all.py` regenerates this file and `bench/results/*.json` (`--quick` for a smoke run). "
         "Model-only numbers come before any service starts; the rest run against Apache Kafka and PostgreSQL "
-        "started by `tests/services.py`, with the daemon as a subprocess (`python -m spectranet.streamer.cli run`, default "
-        "configuration: micro-batches of 64 or 1 s, pipelined). Load averages are 1 / 5 / 15 min, "
+        "started by `tests/support/`, with the daemon as a subprocess (`python -m spectranet.streamer.cli run`, "
+        "default configuration: micro-batches of 64 or 1 s, pipelined). Load averages are 1 / 5 / 15 min, "
         "recorded with each figure.")
     add("")
     add("## Machine and conditions")

@@ -5,7 +5,6 @@ Every schema of every version (golden samples, namespaces, field docs): tests/te
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import struct
@@ -14,9 +13,10 @@ from pathlib import Path
 
 import fastavro
 import pytest
-import spectranet.schemas as schemas
 from spectranet.streamer.contract.codec import BundledSchemas, Codec, sniff_framing
 from spectranet.streamer.errors import DecodeError
+
+from tests.support.harness import evolved_schema
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 FRAMINGS = ("schemaless", "confluent", "container")
@@ -48,21 +48,9 @@ def test_schemaless_encoding_is_the_default_and_stable() -> None:
     assert codec.encode(expected_packet()) == golden
 
 
-def _evolved_schema(extra_field: bool) -> dict:
-    """A writer schema one minor version ahead (extra field) or behind (an optional field missing)."""
-    raw = copy.deepcopy(schemas.raw_schema(schemas.SPECTRUM_PACKET, "1.0"))
-    if extra_field:
-        raw["namespace"] = "spectranet.v1_1"
-        raw["fields"].append({"name": "airmass", "type": ["null", "double"], "default": None, "doc": "x"})
-    else:
-        raw["namespace"] = "spectranet.v0_9"
-        raw["fields"] = [f for f in raw["fields"] if f["name"] != "exptime"]
-    return fastavro.parse_schema(raw)
-
-
 @pytest.mark.parametrize("extra_field", [True, False])
 def test_other_minor_versions_resolve_to_the_reader_schema(extra_field: bool) -> None:
-    writer = _evolved_schema(extra_field)
+    writer = evolved_schema(extra_field)
     packet = expected_packet()
     if extra_field:
         packet_w = {**packet, "airmass": 1.2}

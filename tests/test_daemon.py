@@ -16,7 +16,7 @@ from spectranet.streamer.science.checkpoint import load_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.tools.files import packet_from_file
 
-from tests.fakes import FakeConsumer, FakeMessage, FakeProducer
+from tests.support.fakes import FakeConsumer, FakeMessage, FakeProducer
 
 DATA = Path(__file__).parent / "data" / "spectra"
 IN, OUT, DLQ = "spectra", "spectra.annotated", "spectra.dlq"

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -18,36 +17,16 @@ from confluent_kafka import Consumer, TopicPartition
 from spectranet.streamer.app import build_daemon
 from spectranet.streamer.config import load_settings
 from spectranet.streamer.contract.codec import Codec
-from spectranet.streamer.contract.readers import read_spectrum
 from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.kafka_io import ensure_topics
-from spectranet.streamer.tools.files import packet_from_file, publish_files
+from spectranet.streamer.tools.files import publish_files
+
+from tests.support.common import DATA, SPECTRUM_FILES
+from tests.support.harness import drain, spectrum_ids
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).parent / "data"
-GOOD = sorted(str(p) for p in (DATA / "spectra").glob("*.txt"))
 BAD = sorted(str(p) for p in (DATA / "bad_spectra").glob("*.txt"))
-
-
-def _expected_ids(paths: list[str]) -> set[str]:
-    return {packet_from_file(read_spectrum(p))["spectrum_id"] for p in paths}
-
-
-def _drain(bootstrap: str, topic: str, n: int, *, timeout_s: float = 60.0, **conf: object) -> list:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{topic}", "auto.offset.reset": "earliest",
-                         "enable.auto.commit": False, **conf})
-    consumer.subscribe([topic])
-    got: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(got) < n and time.monotonic() < deadline:
-            got.extend(m for m in consumer.consume(num_messages=500, timeout=1.0) if m.error() is None)
-        # Anything beyond n would be a duplicate: give it a moment to show up.
-        got.extend(m for m in consumer.consume(num_messages=500, timeout=2.0) if m.error() is None)
-    finally:
-        consumer.close()
-    return got
 
 
 def _committed_vs_end(bootstrap: str, group: str, topic: str, partitions: int,
@@ -62,7 +41,7 @@ def _committed_vs_end(bootstrap: str, group: str, topic: str, partitions: int,
 
 
 def test_200_real_spectra_through_kafka_and_postgres(kafka, database_url, topic_prefix) -> None:
-    assert len(GOOD) == 200, "the fixture set is 200 spectra the model's grid covers"
+    assert len(SPECTRUM_FILES) == 200, "the fixture set is 200 spectra the model's grid covers"
     settings = load_settings(
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": f"{topic_prefix}-g",
                "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out",
@@ -71,7 +50,7 @@ def test_200_real_spectra_through_kafka_and_postgres(kafka, database_url, topic_
     k = settings.kafka
     ensure_topics(k, k.input_topics, partitions=3)
     ensure_topics(k, [k.output_topic, k.dead_letter_topic])
-    n, errors = publish_files(GOOD, topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
+    n, errors = publish_files(SPECTRUM_FILES, topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
     assert (n, errors) == (200, [])
 
     stats = build_daemon(settings, serve_metrics=False).run(max_messages=200, idle_timeout_s=90)
@@ -82,10 +61,10 @@ def test_200_real_spectra_through_kafka_and_postgres(kafka, database_url, topic_
         ids = [r[0] for r in conn.execute(sa.select(db.classifications.c.spectrum_id))]
         models = conn.execute(sa.select(db.models.c.name, db.models.c.version)).all()
     engine.dispose()
-    assert len(ids) == 200 and set(ids) == _expected_ids(GOOD)
+    assert len(ids) == 200 and set(ids) == spectrum_ids(SPECTRUM_FILES)
     assert len(models) == 1
 
-    out = _drain(kafka.bootstrap_servers, k.output_topic, 200)
+    out = drain(kafka.bootstrap_servers, k.output_topic, 200)
     decoded = [Codec("annotated_spectrum").decode(m.value()) for m in out]
     assert len(decoded) == 200
     assert {a["spectrum_id"] for a in decoded} == set(ids)
@@ -97,7 +76,7 @@ def test_200_real_spectra_through_kafka_and_postgres(kafka, database_url, topic_
 
 def test_bad_spectra_are_dead_lettered_on_a_real_broker(kafka, database_url, topic_prefix) -> None:
     assert BAD, "tests/data/bad_spectra holds real spectra the model cannot use"
-    paths = GOOD[:10] + BAD
+    paths = SPECTRUM_FILES[:10] + BAD
     settings = load_settings(
         kafka={"bootstrap_servers": kafka.bootstrap_servers, "group_id": f"{topic_prefix}-g",
                "input_topics": [f"{topic_prefix}-in"], "output_topic": f"{topic_prefix}-out",
@@ -108,7 +87,7 @@ def test_bad_spectra_are_dead_lettered_on_a_real_broker(kafka, database_url, top
     n, _ = publish_files(paths, topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
     stats = build_daemon(settings, serve_metrics=False).run(max_messages=n, idle_timeout_s=60)
     assert (stats.classified, stats.dead_lettered) == (10, len(BAD))
-    dlq = _drain(kafka.bootstrap_servers, k.dead_letter_topic, len(BAD))
+    dlq = drain(kafka.bootstrap_servers, k.dead_letter_topic, len(BAD))
     assert len(dlq) == len(BAD)
     for m in dlq:
         headers = dict(m.headers())
@@ -121,7 +100,7 @@ def test_bad_spectra_are_dead_lettered_on_a_real_broker(kafka, database_url, top
 
 def test_cli_smoke_on_tansu(tansu, tmp_path, topic_prefix) -> None:
     """The demo's broker with the user's commands: spectranet produce, then spectranet run, SQLite default."""
-    paths = GOOD[:20]
+    paths = SPECTRUM_FILES[:20]
     env = {**os.environ,
            "SPECTRANET_KAFKA__BOOTSTRAP_SERVERS": tansu.bootstrap_servers,
            "SPECTRANET_KAFKA__GROUP_ID": f"{topic_prefix}-g",
@@ -141,10 +120,10 @@ def test_cli_smoke_on_tansu(tansu, tmp_path, topic_prefix) -> None:
     assert "20 classified, 0 dead-lettered" in run.stdout
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'smoke.sqlite'}")
     with engine.connect() as conn:
-        assert set(r[0] for r in conn.execute(sa.select(db.classifications.c.spectrum_id))) == _expected_ids(paths)
-    out = _drain(tansu.bootstrap_servers, f"{topic_prefix}-out", 20, **{"session.timeout.ms": 6000})
+        assert set(r[0] for r in conn.execute(sa.select(db.classifications.c.spectrum_id))) == spectrum_ids(paths)
+    out = drain(tansu.bootstrap_servers, f"{topic_prefix}-out", 20, **{"session.timeout.ms": 6000})
     assert len(out) == 20
-    assert {Codec("annotated_spectrum").decode(m.value())["spectrum_id"] for m in out} == _expected_ids(paths)
+    assert {Codec("annotated_spectrum").decode(m.value())["spectrum_id"] for m in out} == spectrum_ids(paths)
 
 
 def test_replay_from_a_time_in_a_separate_group(kafka, database_url, topic_prefix) -> None:
@@ -157,11 +136,11 @@ def test_replay_from_a_time_in_a_separate_group(kafka, database_url, topic_prefi
         database={"url": database_url}, batch={"max_packets": 16, "max_wait_s": 0.5})
     k = settings.kafka
     ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
-    publish_files(GOOD[:6], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
+    publish_files(SPECTRUM_FILES[:6], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
     time.sleep(1.0)
     middle = int(datetime.now(timezone.utc).timestamp() * 1000)
     time.sleep(1.0)
-    publish_files(GOOD[6:10], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
+    publish_files(SPECTRUM_FILES[6:10], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
     assert build_daemon(settings, serve_metrics=False).run(max_messages=10, idle_timeout_s=60).classified == 10
 
     replay = load_settings(kafka={**k.model_dump(), "group_id": f"{topic_prefix}-replay"},

@@ -44,9 +44,8 @@ from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.kafka_io import ensure_topics
 from sqlalchemy.engine import make_url
 
-from tests import services
-from tests.test_codec import _evolved_schema
-from tests.test_delivery import (
+from tests.support.common import ServiceUnavailable
+from tests.support.harness import (
     CODEC,
     Assignments,
     DaemonProcess,
@@ -54,16 +53,19 @@ from tests.test_delivery import (
     Packet,
     Results,
     Setup,
-    _bad,
-    _base_packets,
-    _variant,
     annotation_ids,
+    bad_packet,
+    base_packets,
     drain,
+    evolved_schema,
     expected_annotation_ids,
     good_packets,
     produce,
+    variant,
     wait_until,
 )
+from tests.support.kafka import RestartableKafka
+from tests.support.postgres import create_database, drop_database, start_local_postgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -183,20 +185,12 @@ class PacedProducer:
 # --------------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def setup(kafka, database_url, topic_prefix) -> Iterator[Setup]:
-    db.upgrade(database_url)
-    s = Setup(kafka.bootstrap_servers, topic_prefix, database_url)
-    yield s
-    s.close()
-
-
 @pytest.fixture(scope="module")
-def private_kafka() -> Iterator[services.RestartableKafka]:
+def private_kafka() -> Iterator[RestartableKafka]:
     """An Apache Kafka broker of this module alone: it may be stopped, and it never creates topics on its own."""
     try:
-        broker = services.RestartableKafka(extra_properties=("auto.create.topics.enable=false",))
-    except services.ServiceUnavailable as exc:
+        broker = RestartableKafka(extra_properties=("auto.create.topics.enable=false",))
+    except ServiceUnavailable as exc:
         pytest.skip(str(exc))
     try:
         yield broker
@@ -262,12 +256,12 @@ def test_sigkill_a_consumer_repeatedly_while_another_keeps_going(setup: Setup, r
 # --------------------------------------------------------------------------------------------------- 2: broker restart
 
 
-def test_broker_stopped_and_restarted_while_consuming_and_producing(private_kafka: services.RestartableKafka,
+def test_broker_stopped_and_restarted_while_consuming_and_producing(private_kafka: RestartableKafka,
                                                                     postgres, topic_prefix: str,
                                                                     report: Report) -> None:
     tally = Tally("Kafka broker stopped (SIGTERM) for 10 s and restarted under load")
     started = time.monotonic()
-    url = services.create_database(postgres.dsn, topic_prefix)
+    url = create_database(postgres.dsn, topic_prefix)
     setup = Setup(private_kafka.bootstrap_servers, topic_prefix, url, partitions=2)
     try:
         db.upgrade(url)
@@ -300,7 +294,7 @@ def test_broker_stopped_and_restarted_while_consuming_and_producing(private_kafk
         assert_goal(tally)
     finally:
         setup.close()
-        services.drop_database(postgres.dsn, topic_prefix)
+        drop_database(postgres.dsn, topic_prefix)
 
 
 # --------------------------------------------------------------------------------------------------- 3: PostgreSQL
@@ -310,12 +304,12 @@ def test_postgres_stopped_for_30_s_and_restarted(kafka, topic_prefix: str, repor
     tally = Tally("PostgreSQL stopped (pg_ctl stop -m fast) for 30 s and restarted")
     started = time.monotonic()
     try:
-        pg = services.start_local_postgres()
-    except services.ServiceUnavailable as exc:
+        pg = start_local_postgres()
+    except ServiceUnavailable as exc:
         pytest.skip(str(exc))
     setup: Setup | None = None
     try:
-        url = services.create_database(pg.dsn, topic_prefix)
+        url = create_database(pg.dsn, topic_prefix)
         db.upgrade(url)
         setup = Setup(kafka.bootstrap_servers, topic_prefix, url, partitions=2)
         setup.create_topics()
@@ -464,11 +458,11 @@ def test_repeated_rebalances_under_load(setup: Setup, report: Report, tmp_path: 
 # --------------------------------------------------------------------------------------------------- 5: no output topic
 
 
-def test_output_topic_missing_commits_nothing_until_it_exists(private_kafka: services.RestartableKafka, postgres,
+def test_output_topic_missing_commits_nothing_until_it_exists(private_kafka: RestartableKafka, postgres,
                                                               topic_prefix: str, report: Report) -> None:
     tally = Tally("output topic missing (broker does not auto-create), then created")
     started = time.monotonic()
-    url = services.create_database(postgres.dsn, topic_prefix)
+    url = create_database(postgres.dsn, topic_prefix)
     setup = Setup(private_kafka.bootstrap_servers, topic_prefix, url, partitions=2)
     try:
         db.upgrade(url)
@@ -507,7 +501,7 @@ def test_output_topic_missing_commits_nothing_until_it_exists(private_kafka: ser
         assert_goal(tally)
     finally:
         setup.close()
-        services.drop_database(postgres.dsn, topic_prefix)
+        drop_database(postgres.dsn, topic_prefix)
 
 
 # --------------------------------------------------------------------------------------------------- 6: bad packets
@@ -517,7 +511,7 @@ MAX_MESSAGE_BYTES = 60_000  # every good test packet is below it (the largest is
 
 
 def _oversized(i: int) -> Packet:
-    p = _variant(_base_packets()[i], 2000 + i)
+    p = variant(base_packets()[i], 2000 + i)
     p["spectrum_id"] = f"bad/oversized/{i}"
     while len(value := CODEC.encode(p)) <= MAX_MESSAGE_BYTES:
         step = p["wavelength"][-1] - p["wavelength"][0] + 1.0
@@ -529,14 +523,14 @@ def _oversized(i: int) -> Packet:
 
 
 def _evolved(i: int, *, newer: bool) -> Packet:
-    p = _variant(_base_packets()[i], 3000 + i + (100 if newer else 0))
+    p = variant(base_packets()[i], 3000 + i + (100 if newer else 0))
     if newer:
         record = {**p, "schema_version": "1.1", "airmass": 1.2}
     else:
         record = {k: v for k, v in p.items() if k != "exptime"}
         record["schema_version"] = "0.9"
     buf = io.BytesIO()
-    fastavro.writer(buf, _evolved_schema(newer), [record])  # container framing: the writer schema travels along
+    fastavro.writer(buf, evolved_schema(newer), [record])  # container framing: the writer schema travels along
     return Packet(p["object_id"].encode(), buf.getvalue(), p["spectrum_id"], "newer" if newer else "older")
 
 
@@ -555,7 +549,7 @@ def test_oversized_empty_truncated_wrong_schema_and_evolved_packets(setup: Setup
     setup.create_topics()
     good = good_packets(100)
     evolved = [_evolved(i, newer=True) for i in range(10)] + [_evolved(i, newer=False) for i in range(10)]
-    bad = [_oversized(i) for i in range(5)] + [_bad(kind, i) for kind in ("empty", "truncated", "schema_id")
+    bad = [_oversized(i) for i in range(5)] + [bad_packet(kind, i) for kind in ("empty", "truncated", "schema_id")
                                                for i in range(5)]
     mixed = good + evolved + bad
     random.Random(86).shuffle(mixed)

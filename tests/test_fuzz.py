@@ -24,7 +24,7 @@ from spectranet.streamer.science.checkpoint import load_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.tools.files import packet_from_file
 
-from tests.fakes import FakeMessage
+from tests.support.fakes import FakeMessage
 
 CODEC = Codec("spectrum_packet", max_message_bytes=256 * 1024)
 BASE = packet_from_file(read_spectrum(Path(__file__).parent / "data/spectra/2019dwa_TNS_ZTF_SEDM_2019.0514.txt"),

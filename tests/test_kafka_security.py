@@ -25,8 +25,9 @@ from spectranet.streamer.runtime.daemon import Daemon
 from spectranet.streamer.runtime.kafka_io import ensure_topics
 from spectranet.streamer.tools.files import publish_files
 
-from tests.services import SecureKafkaService
-from tests.test_end_to_end import GOOD, _drain, _expected_ids
+from tests.support.common import SPECTRUM_FILES
+from tests.support.harness import drain, spectrum_ids
+from tests.support.tls import SecureKafkaService
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def _through_the_daemon(settings: Settings, properties: dict[str, str]) -> tuple
     """Publish N spectra and run the daemon over them, all with ``properties``; returns (daemon, output ids)."""
     k = settings.kafka
     ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
-    n, errors = publish_files(GOOD[:N], topic=k.input_topics[0], bootstrap_servers=k.bootstrap_servers,
+    n, errors = publish_files(SPECTRUM_FILES[:N], topic=k.input_topics[0], bootstrap_servers=k.bootstrap_servers,
                               extra_config=properties)
     assert (n, errors) == (N, [])
     daemon = build_daemon(settings, serve_metrics=False)
@@ -55,9 +56,9 @@ def _through_the_daemon(settings: Settings, properties: dict[str, str]) -> tuple
     with engine.connect() as conn:
         rows = [r[0] for r in conn.execute(sa.select(db.classifications.c.spectrum_id))]
     engine.dispose()
-    assert len(rows) == N and set(rows) == _expected_ids(GOOD[:N])
+    assert len(rows) == N and set(rows) == spectrum_ids(SPECTRUM_FILES[:N])
 
-    out = _drain(k.bootstrap_servers, k.output_topic, N, **properties)
+    out = drain(k.bootstrap_servers, k.output_topic, N, **properties)
     ids = [Codec("annotated_spectrum").decode(m.value())["spectrum_id"] for m in out]
     assert len(ids) == N and set(ids) == set(rows)
     return daemon, ids
@@ -111,7 +112,7 @@ def test_wrong_scram_password_is_refused(secure_kafka: SecureKafkaService, topic
     right = secure_kafka.sasl_ssl_properties()
     good = _settings(secure_kafka.sasl_ssl_bootstrap, right, topic_prefix, tmp_path).kafka
     ensure_topics(good, [*good.input_topics, good.output_topic, good.dead_letter_topic])
-    assert publish_files(GOOD[:N], topic=good.input_topics[0], bootstrap_servers=good.bootstrap_servers,
+    assert publish_files(SPECTRUM_FILES[:N], topic=good.input_topics[0], bootstrap_servers=good.bootstrap_servers,
                          extra_config=right) == (N, [])
     caplog.set_level(logging.INFO, logger="streamer")
     settings = _settings(secure_kafka.sasl_ssl_bootstrap, wrong, topic_prefix, tmp_path)
@@ -129,7 +130,7 @@ def test_plaintext_client_on_a_tls_listener_is_refused(secure_kafka: SecureKafka
     bootstrap = getattr(secure_kafka, f"{listener}_bootstrap")
     error, _ = _metadata_errors(bootstrap, {})
     assert error.code() == KafkaError._TRANSPORT
-    n, errors = publish_files(GOOD[:1], topic=f"{topic_prefix}-in", bootstrap_servers=bootstrap, timeout_s=5)
+    n, errors = publish_files(SPECTRUM_FILES[:1], topic=f"{topic_prefix}-in", bootstrap_servers=bootstrap, timeout_s=5)
     assert n == 0 and errors
 
 

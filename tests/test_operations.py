@@ -21,8 +21,7 @@ from spectranet.streamer.runtime.metrics import HealthServer, Metrics
 from spectranet.streamer.science.checkpoint import load_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine
 
-from tests.fakes import FakeConsumer, FakeProducer
-from tests.test_daemon import _daemon, _messages
+from tests.support.fakes import FakeConsumer, FakeProducer, fake_daemon, fake_messages
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def test_health_endpoints_follow_the_daemon_lifecycle(engine, tmp_path: Path) ->
     assert _get(health.port, "/healthz")[0] == 200
     assert _get(health.port, "/nope")[0] == 404
 
-    msgs, good, bad = _messages(6)
+    msgs, good, bad = fake_messages(6)
     gate = threading.Event()
 
     class GatedConsumer(FakeConsumer):
@@ -55,7 +54,7 @@ def test_health_endpoints_follow_the_daemon_lifecycle(engine, tmp_path: Path) ->
             gate.wait(10)
             return super().consume(num_messages, timeout)
 
-    daemon = _daemon(GatedConsumer(msgs), FakeProducer(), db.create_engine(url), engine)
+    daemon = fake_daemon(GatedConsumer(msgs), FakeProducer(), db.create_engine(url), engine)
     daemon.metrics, daemon.health = metrics, health
     t = threading.Thread(target=daemon.run, kwargs={"max_messages": len(msgs)})
     t.start()
@@ -81,7 +80,7 @@ def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, mo
     """Split the batch until the failing spectrum is alone; dead-letter it; classify the others."""
     url = f"sqlite:///{tmp_path / 'r.sqlite'}"
     db.upgrade(url)
-    msgs, good, bad = _messages(8)
+    msgs, good, bad = fake_messages(8)
     poisoned = good[3]["spectrum_id"]
     classifier_engine = InferenceEngine(load_checkpoint(), device="cpu", warmup=False)
     real_predict = classifier_engine.predict
@@ -105,7 +104,7 @@ def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, mo
     monkeypatch.setattr(classifier_engine, "predict", predict)
     monkeypatch.setattr(classifier_module, "prepare_packet", prepare)
     producer = FakeProducer()
-    stats = _daemon(FakeConsumer(msgs), producer, db.create_engine(url), classifier_engine).run(
+    stats = fake_daemon(FakeConsumer(msgs), producer, db.create_engine(url), classifier_engine).run(
         max_messages=len(msgs))
     assert (stats.classified, stats.dead_lettered) == (len(good) - 1, len(bad) + 1)
     inference = [m for m in producer.on("spectra.dlq")
@@ -114,7 +113,8 @@ def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, mo
     assert poisoned.encode() in dict(inference[0]["headers"])["spectranet.error.message"]
 
 
-def _row(spectrum_id: str, object_id: str, model_version: str, top: str, mjd_offset: float = 0.0) -> db.ClassificationRow:
+def _row(spectrum_id: str, object_id: str, model_version: str, top: str,
+         mjd_offset: float = 0.0) -> db.ClassificationRow:
     now = datetime.now(timezone.utc)
     return db.ClassificationRow(
         spectrum={"spectrum_id": spectrum_id, "revision": 0, "object_id": object_id, "survey": "ZTF",
@@ -159,8 +159,8 @@ def test_reprocess_with_another_model_keeps_earlier_rows(engine, tmp_path: Path)
     url = f"sqlite:///{tmp_path / 'r.sqlite'}"
     db.upgrade(url)
     database = db.create_engine(url)
-    msgs, good, bad = _messages(5)
-    daemon = _daemon(FakeConsumer(msgs), FakeProducer(), database, engine)
+    msgs, good, bad = fake_messages(5)
+    daemon = fake_daemon(FakeConsumer(msgs), FakeProducer(), database, engine)
     daemon.classifier.store_raw_packets = True
     daemon.run(max_messages=len(msgs))
 

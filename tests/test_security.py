@@ -12,8 +12,7 @@ from spectranet.streamer.tools.files import publish_files
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 
-from tests import services
-from tests.test_end_to_end import GOOD
+from tests.support.common import SPECTRUM_FILES, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def daemon_role(database_url: str) -> str:
     """A login role with exactly the daemon's GRANTs on a migrated database; returns its URL."""
-    role = services.unique_name("daemon").replace("-", "_")
+    role = unique_name("daemon").replace("-", "_")
     owner = sa.create_engine(database_url)
     db.upgrade(database_url)
     with owner.begin() as conn:
@@ -43,7 +42,7 @@ def test_the_daemon_runs_with_least_privilege(kafka, daemon_role: str, topic_pre
         database={"url": daemon_role, "migrate_on_start": False}, batch={"max_packets": 8, "max_wait_s": 0.5})
     k = settings.kafka
     ensure_topics(k, [*k.input_topics, k.output_topic, k.dead_letter_topic])
-    n, _ = publish_files(GOOD[:10], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
+    n, _ = publish_files(SPECTRUM_FILES[:10], topic=k.input_topics[0], bootstrap_servers=kafka.bootstrap_servers)
     stats = build_daemon(settings, serve_metrics=False).run(max_messages=n, idle_timeout_s=60)
     assert stats.classified == 10
     with sa.create_engine(daemon_role).connect() as conn:

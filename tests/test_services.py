@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.services import KafkaService
+from tests.support.kafka import KafkaService
 
 pytestmark = pytest.mark.integration
 
