@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from spectranet.streamer.contract.codec import Codec
-from spectranet.streamer.contract.readers import read_spectrum
 from spectranet.streamer.runtime import db
-from spectranet.streamer.runtime.classifier import SpectrumClassifier
-from spectranet.streamer.runtime.daemon import Daemon
 from spectranet.streamer.science.checkpoint import load_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine
-from spectranet.streamer.tools.files import packet_from_file
 
-from tests.support.fakes import FakeConsumer, FakeMessage, FakeProducer
-
-DATA = Path(__file__).parent / "data" / "spectra"
-IN, OUT, DLQ = "spectra", "spectra.annotated", "spectra.dlq"
+from tests.support.fakes import DLQ, IN, OUT, FakeConsumer, FakeProducer
+from tests.support.fakes import fake_daemon as _daemon
+from tests.support.fakes import fake_messages as _messages
 
 
 @pytest.fixture(scope="module")
@@ -32,33 +27,6 @@ def database(tmp_path: Path) -> sa.Engine:
     url = f"sqlite:///{tmp_path / 'results.sqlite'}"
     db.upgrade(url)
     return db.create_engine(url)
-
-
-def _packets(n: int) -> list[dict]:
-    files = sorted(DATA.glob("*.txt"))[:n]
-    return [packet_from_file(read_spectrum(f), produced_at_ms=1_700_000_000_000) for f in files]
-
-
-def _messages(n_good: int) -> tuple[list[FakeMessage], list[dict], set[int]]:
-    """``n_good`` real packets with three bad ones mixed in; returns messages, good packets, bad offsets."""
-    codec = Codec("spectrum_packet")
-    good = _packets(n_good)
-    values = [codec.encode(p) for p in good]
-    short = dict(good[0], spectrum_id="bad-lengths", flux=good[0]["flux"][:-5])
-    unit = dict(good[1], spectrum_id="bad-unit", wavelength_unit="furlong")
-    bad = {2: b"\x06not avro at all", 5: codec.encode(short), 9: codec.encode(unit)}
-    for offset in sorted(bad):
-        values.insert(offset, bad[offset])
-    msgs = [FakeMessage(IN, 0, i, v, b"key") for i, v in enumerate(values)]
-    return msgs, good, set(bad)
-
-
-def _daemon(consumer: FakeConsumer, producer: FakeProducer, database: sa.Engine, engine: InferenceEngine,
-            **kw: object) -> Daemon:
-    return Daemon(consumer=consumer, producer=producer, database=database,
-                  classifier=SpectrumClassifier(engine, codec=Codec("spectrum_packet")), input_topics=[IN],
-                  output_topic=OUT, dead_letter_topic=DLQ, output_codec=Codec("annotated_spectrum"),
-                  max_packets=4, max_wait_s=0.01, retry_backoff_s=0.01, **kw)
 
 
 def _rows(database: sa.Engine, table: sa.Table) -> list[dict]:
