@@ -32,7 +32,7 @@ from pydantic_settings import (
 from spectranet.streamer.errors import ConfigError
 
 __all__ = ["Settings", "KafkaSettings", "DatabaseSettings", "ModelSettings", "BatchSettings", "MetricsSettings",
-           "load_settings"]
+           "HealthSettings", "load_settings"]
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("spectranet_config_file", default=None)
 
@@ -114,6 +114,11 @@ class MetricsSettings(_Section):
     port: int = 9108                             # /metrics, /healthz, /readyz
 
 
+class HealthSettings(_Section):
+    # /healthz and /readyz answer 503 when consumed packets wait this long without a commit (a stalled stream).
+    stall_timeout_s: float = Field(default=120.0, gt=0)
+
+
 class ModelSettings(_Section):
     path: Path | None = None                     # None: the model shipped in the package
     device: str = "auto"                         # auto | cpu | cuda | cuda:N
@@ -142,6 +147,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     batch: BatchSettings = BatchSettings()
     metrics: MetricsSettings = MetricsSettings()
+    health: HealthSettings = HealthSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: float = 30.0             # SIGTERM: finish, commit and close within this, else exit anyway

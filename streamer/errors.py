@@ -1,10 +1,21 @@
 """The project's exception hierarchy, in one place.
 
 Two families matter to the daemon: ``PacketError`` means *this packet* is bad (dead-letter it, carry on);
-``InfrastructureError`` means the world is broken (retry, never commit, never dead-letter).
+``InfrastructureError`` means the world is broken (retry, never commit, never dead-letter). Exceptions raised by
+libraries (the Avro reader, the database driver, the Kafka client) are sorted into these two by one function,
+``spectranet.streamer.runtime.classifier.whose_fault``.
 """
 
 from __future__ import annotations
+
+_SHOWN_ID_CHARS = 100  # a hostile packet id can be megabytes long: errors, logs and headers show its start
+
+
+def shown(text: str, limit: int = _SHOWN_ID_CHARS) -> str:
+    """``repr(text)`` (control characters escaped), cut to ``limit`` characters with the full length said."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class SpectraNetError(Exception):
@@ -20,7 +31,7 @@ class PacketError(SpectraNetError):
         self.reason = message
         where = []
         if packet_id is not None:
-            where.append(f"packet {packet_id!r}")
+            where.append(f"packet {shown(packet_id)}")
         if field is not None:
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
@@ -68,6 +79,21 @@ class UnitError(PreprocessError):
 
 class InferenceError(PacketError):
     """The model failed on this one spectrum (isolated by splitting its batch)."""
+
+
+class StorageError(PacketError):
+    """The database refused this packet's rows for a reason in the data (a value too long, a character it cannot
+    hold) that validation did not foresee; the batch is split until the row is alone, and only it is dead-lettered."""
+
+
+class PublishError(PacketError):
+    """The broker refused this packet's outgoing message for what it is (too large), not for being unavailable."""
+
+
+class ProcessingError(PacketError):
+    """An unforeseen exception while processing this one packet (decode to annotation: no I/O, so a retry would fail
+    the same way). The packet is dead-lettered with the exception's type and message and the stream goes on; the
+    exception is logged with its traceback, and deserves a bug report."""
 
 
 class SpectrumFileError(SpectraNetError):

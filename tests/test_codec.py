@@ -13,6 +13,8 @@ from pathlib import Path
 
 import fastavro
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spectranet.streamer.contract.codec import BundledSchemas, Codec, sniff_framing
 from spectranet.streamer.errors import DecodeError
 
@@ -109,3 +111,37 @@ def test_trailing_bytes_are_rejected() -> None:
 def test_oversized_message_is_rejected_before_decoding() -> None:
     with pytest.raises(DecodeError, match="exceeds the limit"):
         Codec("spectrum_packet", max_message_bytes=100).decode(b"\x06" * 101)
+
+
+@pytest.mark.parametrize("produced_at", [2**62, -(2**62), 253_402_300_800_000])
+def test_reader_exceptions_become_decode_errors_naming_the_packet(produced_at: int) -> None:
+    """fastavro raises OverflowError for a timestamp-millis outside Python's dates: still the packet's fault."""
+    codec = Codec("spectrum_packet")
+    data = codec.encode({**expected_packet(), "produced_at": produced_at})
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data, source="spectra[0]@7")
+    assert info.value.packet_id == "spectra[0]@7" and info.value.field == "value"
+    assert "OverflowError" in str(info.value) and "spectra[0]@7" in str(info.value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from([b"", b"\x00\x00\x00\x00\x01", b"\x00\x00\x00\x00\x02", b"Obj\x01",
+                                                 b"\x06"]))
+def test_the_codec_raises_nothing_but_decode_errors(data: bytes, prefix: bytes) -> None:
+    try:
+        Codec("spectrum_packet").decode(prefix + data, source="t[0]@1")
+    except DecodeError as exc:
+        assert exc.packet_id == "t[0]@1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+       st.sampled_from(FRAMINGS))
+def test_corrupted_packets_raise_nothing_but_decode_errors(flips: list[tuple[int, int]], framing: str) -> None:
+    data = bytearray((GOLDEN / f"spectrum_packet_v1_0.{framing}.avro").read_bytes())
+    for pos, byte in flips:
+        data[pos % len(data)] = byte
+    try:
+        Codec("spectrum_packet").decode(bytes(data))
+    except DecodeError:
+        pass

@@ -10,6 +10,10 @@ Three framings are accepted on input, sniffed from the first bytes:
 
 Whatever the writer schema, decoding resolves it to the reader schema (the bundled latest), so downstream code sees
 one shape. Encoding writes schemaless by default and the Confluent format on request.
+
+For the bytes it is given, ``Codec.decode`` raises nothing but ``DecodeError`` (naming the packet's coordinates when
+the caller passes them): whatever the Avro reader raises (truncation, schema mismatch, a ``timestamp-millis`` outside
+Python's dates, ...) is the packet's fault. A schema registry that does not answer is not: ``InfrastructureError``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Literal, Protocol
 
 import fastavro
 import spectranet.schemas as schemas
-from spectranet.streamer.errors import DecodeError
+from spectranet.streamer.errors import DecodeError, InfrastructureError
 
 __all__ = [
     "Framing",
@@ -99,8 +103,15 @@ class RegistrySchemas:
             except urllib.error.HTTPError as exc:
                 if exc.code == 404:
                     raise DecodeError(f"schema id {schema_id} not in the registry", field="schema_id") from exc
-                raise
-            self._by_id[schema_id] = fastavro.parse_schema(json.loads(reply["schema"]))
+                raise InfrastructureError(f"schema registry {self._url} answered {exc.code} for schema id "
+                                          f"{schema_id}") from exc
+            except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a reply that is not JSON
+                raise InfrastructureError(f"schema registry {self._url} unreachable: {exc}") from exc
+            try:
+                self._by_id[schema_id] = fastavro.parse_schema(json.loads(reply["schema"]))
+            except Exception as exc:  # noqa: BLE001 - a writer schema the registry holds but Avro cannot parse
+                raise DecodeError(f"schema id {schema_id} in the registry is not a valid Avro schema: {exc}",
+                                  field="schema_id") from exc
         return self._by_id[schema_id]
 
     def schema_id(self, name: str, version: str) -> int:
@@ -139,8 +150,15 @@ class Codec:
         self.resolver: SchemaResolver = resolver or BundledSchemas()
         self.max_message_bytes = max_message_bytes
 
-    def decode(self, data: bytes | None) -> dict[str, Any]:
-        """Bytes in any accepted framing -> a dict in the reader schema; ``DecodeError`` names what is wrong."""
+    def decode(self, data: bytes | None, *, source: str | None = None) -> dict[str, Any]:
+        """Bytes in any accepted framing -> a dict in the reader schema; ``DecodeError`` names what is wrong and,
+        given ``source`` (the message's ``topic[partition]@offset``), which packet."""
+        try:
+            return self._decode(data)
+        except DecodeError as exc:
+            raise exc if source is None else exc.with_packet(source) from exc.__cause__
+
+    def _decode(self, data: bytes | None) -> dict[str, Any]:
         if not data:
             raise DecodeError("empty message", field="value")
         if len(data) > self.max_message_bytes:
@@ -162,16 +180,16 @@ class Codec:
                 record = fastavro.schemaless_reader(buf, writer, self.reader_schema)
                 if buf.tell() != len(data):
                     raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the record", field="value")
-        except DecodeError:
+        except (DecodeError, InfrastructureError):
             raise
-        except (EOFError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, struct.error) as exc:
-            # fastavro reports truncation and schema mismatch through these; anything else is our bug and propagates.
-            raise DecodeError(f"not a valid {self.name} in {framing} framing: {type(exc).__name__}: {exc}",
+        except MemoryError:
+            raise  # the machine's, not the packet's
+        except Exception as exc:  # noqa: BLE001 - every exception of the reader on these bytes is the bytes' fault
+            # EOFError and struct.error for truncation, ValueError/TypeError/KeyError/IndexError/UnicodeDecodeError
+            # for bad values, OverflowError for a timestamp outside Python's dates, fastavro's SchemaResolutionError.
+            reason = str(exc) if len(str(exc)) <= 300 else str(exc)[:300] + "..."
+            raise DecodeError(f"not a valid {self.name} in {framing} framing: {type(exc).__name__}: {reason}",
                               field="value") from exc
-        except Exception as exc:  # fastavro raises its own SchemaResolutionError and friends
-            if type(exc).__module__.startswith("fastavro"):
-                raise DecodeError(f"not a valid {self.name} in {framing} framing: {exc}", field="value") from exc
-            raise
         if not isinstance(record, dict):
             raise DecodeError("decoded value is not a record", field="value")
         return record

@@ -3,10 +3,15 @@
 Every write is an ``INSERT ... ON CONFLICT DO NOTHING`` keyed by what makes a result unique (spectrum id, revision
 and model for classifications; topic, partition and offset for dead letters), so replaying a batch after a crash
 leaves the database as if it had been written once. One batch is one transaction.
+
+The columns that hold packet strings are as long as the contract allows (``contract.packets.STRING_LIMITS``), so a
+validated packet always fits. ``is_row_error`` tells a row the database refuses (its data) from a database that
+does not answer (infrastructure); ``storable`` makes any text fit a column, for dead letters that must be stored.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -15,16 +20,22 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from spectranet.streamer.contract.packets import STRING_LIMITS
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 __all__ = ["metadata", "models", "spectra", "classifications", "dead_letters", "ClassificationRow",
            "DeadLetterRow", "create_engine", "upgrade", "downgrade", "write_batch", "register_model",
-           "least_privilege_grants",
-           "grant_least_privilege"]
+           "least_privilege_grants", "grant_least_privilege", "is_row_error", "storable", "unstorable_column"]
 
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 metadata = sa.MetaData()
+
+
+def _packet_string(field: str) -> sa.String:
+    """A column for a packet's string field, as long as the contract allows (the 0001 migration spells the same)."""
+    return sa.String(STRING_LIMITS[field])
+
 
 models = sa.Table(
     "models", metadata,
@@ -38,12 +49,12 @@ models = sa.Table(
 
 spectra = sa.Table(
     "spectra", metadata,
-    sa.Column("spectrum_id", sa.String(256), primary_key=True),
+    sa.Column("spectrum_id", _packet_string("spectrum_id"), primary_key=True),
     sa.Column("revision", sa.Integer, primary_key=True),
-    sa.Column("object_id", sa.String(256), nullable=False, index=True),
-    sa.Column("survey", sa.String(64), nullable=False),
-    sa.Column("tns_name", sa.String(64)),
-    sa.Column("instrument", sa.String(128), nullable=False),
+    sa.Column("object_id", _packet_string("object_id"), nullable=False, index=True),
+    sa.Column("survey", _packet_string("survey"), nullable=False),
+    sa.Column("tns_name", _packet_string("tns_name")),
+    sa.Column("instrument", _packet_string("instrument"), nullable=False),
     sa.Column("ra", sa.Float),
     sa.Column("dec", sa.Float),
     sa.Column("obs_mjd", sa.Float, nullable=False),
@@ -55,12 +66,12 @@ spectra = sa.Table(
 
 classifications = sa.Table(
     "classifications", metadata,
-    sa.Column("spectrum_id", sa.String(256), primary_key=True),
+    sa.Column("spectrum_id", _packet_string("spectrum_id"), primary_key=True),
     sa.Column("revision", sa.Integer, primary_key=True),
     sa.Column("model_name", sa.String(128), primary_key=True),
     sa.Column("model_version", sa.String(64), primary_key=True),
     sa.Column("annotation_id", sa.String(36), nullable=False, unique=True),
-    sa.Column("object_id", sa.String(256), nullable=False, index=True),
+    sa.Column("object_id", _packet_string("object_id"), nullable=False, index=True),
     sa.Column("probabilities", JSONType, nullable=False),
     sa.Column("top_class", sa.String(32), nullable=False),
     sa.Column("top_probability", sa.Float, nullable=False),
@@ -82,7 +93,7 @@ dead_letters = sa.Table(
     sa.Column("source_topic", sa.String(256), primary_key=True),
     sa.Column("source_partition", sa.Integer, primary_key=True),
     sa.Column("source_offset", sa.BigInteger, primary_key=True),
-    sa.Column("spectrum_id", sa.String(256)),
+    sa.Column("spectrum_id", _packet_string("spectrum_id")),  # sanitised and cut to fit (``storable``)
     sa.Column("error_class", sa.String(64), nullable=False),
     sa.Column("error_field", sa.String(64)),
     sa.Column("error_message", sa.Text, nullable=False),
@@ -209,3 +220,62 @@ def classification_rows(packet: Mapping[str, Any], annotation: Mapping[str, Any]
             "source_topic": src["topic"], "source_partition": src["partition"], "source_offset": src["offset"],
         },
     )
+
+
+# SQLSTATE classes of errors caused by the values of a row: 22 data exception (value too long, invalid text, NUL,
+# untranslatable character, out of range), 23 integrity constraint violation. Everything else (08 connection, 53
+# insufficient resources, 57 operator intervention, 40 rollback, 42 undefined table, ...) is the database's.
+_ROW_SQLSTATE_CLASSES = ("22", "23")
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """True when the database (or its driver) refused a statement because of the values of a row; False for every
+    other failure (connection lost, server down, missing table, ...), which is retried rather than blamed on data."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return False
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate:
+            return str(sqlstate)[:2] in _ROW_SQLSTATE_CLASSES
+        # Refused by the driver before it reached the server (psycopg: "text fields cannot contain NUL"), or SQLite.
+        return isinstance(exc, (sa.exc.DataError, sa.exc.IntegrityError))
+    if isinstance(exc, sa.exc.StatementError):  # a bind parameter SQLAlchemy could not convert
+        return isinstance(exc.orig, (ValueError, TypeError))
+    # The driver encoding a parameter (UnicodeEncodeError for a lone surrogate) raises outside SQLAlchemy's wrapping.
+    return isinstance(exc, (UnicodeError, OverflowError))
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+MAX_TEXT_CHARS = 10_000  # error messages in dead_letters (a Text column): enough for any reason, bounded
+
+
+def storable(column: sa.Column[Any], text: str | None) -> tuple[str | None, str | None]:
+    """``text`` as ``column`` can hold it, and what was changed (None when nothing was): NULs and lone surrogates
+    become U+FFFD, and the value is cut to the column's length (``MAX_TEXT_CHARS`` for unbounded text)."""
+    if text is None:
+        return None, None
+    changes = []
+    clean, n = _UNSTORABLE.subn("\ufffd", text)
+    if n:
+        changes.append(f"{n} NUL or surrogate characters replaced")
+    limit = getattr(column.type, "length", None) or MAX_TEXT_CHARS
+    if len(clean) > limit:
+        changes.append(f"cut from {len(clean)} to {limit} characters")
+        clean = clean[:limit]
+    return clean, "; ".join(changes) or None
+
+
+def unstorable_column(engine: Engine, table: sa.Table, values: Mapping[str, Any]) -> str | None:
+    """The first string column of ``table`` whose value in ``values`` the live database cannot hold (a NUL, or
+    longer than the column as it really is: a database altered by hand may be narrower than ``table`` says)."""
+    try:
+        live = {c["name"]: getattr(c["type"], "length", None) for c in sa.inspect(engine).get_columns(table.name)}
+    except sa.exc.SQLAlchemyError:  # only to name the column; the row is dead-lettered either way
+        live = {}
+    for name, value in values.items():
+        if not isinstance(value, str) or name not in table.c:
+            continue
+        length = live.get(name) or getattr(table.c[name].type, "length", None)
+        if _UNSTORABLE.search(value) or (length is not None and len(value) > length):
+            return name
+    return None
