@@ -160,17 +160,20 @@ def test_the_refined_redshift_stays_within_the_window_of_the_prior(bank, window)
     assert (_ln_err(res.z[near], z_true) < DLN).all()  # when the truth is inside the window it is found
 
 
-def test_batch_results_equal_per_spectrum_results(bank):
+@pytest.mark.parametrize("mixed_classes", [True, False])
+def test_batch_results_equal_per_spectrum_results(bank, mixed_classes):
+    """Spectra are screened in groups (one product per group): a spectrum's result must not depend on its group."""
     rng = np.random.default_rng(3)
     rows = []
-    for i in range(7):
+    n_spectra = 7 if mixed_classes else 37  # 37: groups of 16, 16 and 5
+    for i in range(n_spectra):
         x, cov = _observed(seed=int(rng.integers(N_SYNTH)), z=float(rng.uniform(0.0, 0.4)), rng_seed=i)
         cov[: int(rng.integers(0, 60))] = False
         rows.append((np.where(cov, x, 0.0), cov, float(rng.uniform(0.0, 0.45))))
     flux = np.stack([r[0] for r in rows])
     cov = np.stack([r[1] for r in rows])
     prior = np.array([r[2] for r in rows])
-    classes = [None, {"Ia"}, {"Ib", "Ia"}, None, {"Ic"}, None, {"Ia", "Ib", "Ic"}]
+    classes = [None, {"Ia"}, {"Ib", "Ia"}, None, {"Ic"}, None, {"Ia", "Ib", "Ic"}] if mixed_classes else [None] * 37
     batch = refine_redshift(flux, cov, prior, bank, GRID, classes=classes)
     for i in range(len(rows)):
         one = refine_redshift(flux[i:i + 1], cov[i:i + 1], prior[i:i + 1], bank, GRID, classes=[classes[i]])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ from spectranet.streamer.science.templates import (
     DEFAULT_WINDOW,
     METHOD_NETWORK,
     METHOD_TEMPLATE,
-    Refinement,
     TemplateBank,
     TemplateMatch,
     refine_redshift,
@@ -123,6 +122,8 @@ class InferenceEngine:
                 torch.cuda.empty_cache()
                 continue
             start += len(chunk)
+        if self.templates is not None and out:
+            out = self._refine(x, out, self.templates)  # once per call: the refinement amortises over the batch
         return out
 
     def _run(self, chunk: np.ndarray) -> list[Prediction]:
@@ -140,31 +141,30 @@ class InferenceEngine:
             raise ValueError("model produced non-finite outputs")
         n = len(self.taxonomy)
         entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(n)
-        z_net = np.maximum(z.astype(np.float64), 0.0)
-        z_final, z_final_err = z_net, z_err.astype(np.float64)
-        matches: list[TemplateMatch | None] = [None] * len(z_net)
-        if self.templates is not None:
-            refined = self._refine(chunk, probs, z_net, self.templates)
-            matches = [refined.match(i, self.templates) for i in range(len(z_net))]
-            use = refined.method == METHOD_TEMPLATE
-            z_final = np.where(use, np.maximum(refined.z, 0.0), z_net)
-            z_final_err = np.where(use, refined.z_err, z_final_err)
         preds = []
-        for p, zi, ei, zn, h, match in zip(probs, z_final, z_final_err, z_net, entropy, matches):
+        for p, zi, ei, h in zip(probs, z, z_err, entropy):
             top = int(p.argmax())
             preds.append(Prediction(
                 probabilities={c: float(v) for c, v in zip(self.taxonomy, p)},
                 top_class=self.taxonomy[top], top_probability=float(p[top]),
-                z=float(zi), z_err=float(ei), ood_score=float(h), z_network=float(zn),
-                z_method=METHOD_NETWORK if match is None else METHOD_TEMPLATE, template=match,
+                z=float(max(zi, 0.0)), z_err=float(ei), ood_score=float(h),
             ))
         return preds
 
-    def _refine(self, chunk: np.ndarray, probs: np.ndarray, z_net: np.ndarray, bank: TemplateBank) -> Refinement:
-        """Template refinement of one chunk's redshifts, templates limited to the top-k classes of each spectrum."""
+    def _refine(self, x: np.ndarray, preds: list[Prediction], bank: TemplateBank) -> list[Prediction]:
+        """The network's predictions with their redshifts refined by ``bank`` where a template matches well,
+        templates limited to each spectrum's ``template_top_k`` most probable classes."""
         classes = None
         if self.template_top_k is not None:
-            top = np.argsort(-probs, axis=1)[:, :self.template_top_k]  # [B, k]
-            classes = [{self.taxonomy[j] for j in row} for row in top]
-        return refine_redshift(chunk[:, 0], chunk[:, 1] > 0.5, z_net, bank, self.checkpoint.preprocess.grid,
-                               window=self.template_window, classes=classes)
+            classes = [sorted(p.probabilities, key=p.probabilities.__getitem__, reverse=True)[:self.template_top_k]
+                       for p in preds]
+        z_net = np.array([p.z for p in preds])
+        refined = refine_redshift(x[:, 0], x[:, 1] > 0.5, z_net, bank, self.checkpoint.preprocess.grid,
+                                  window=self.template_window, classes=classes)
+        out = []
+        for i, p in enumerate(preds):
+            match = refined.match(i, bank)
+            out.append(p if match is None else replace(
+                p, z=float(max(refined.z[i], 0.0)), z_err=float(refined.z_err[i]), z_method=METHOD_TEMPLATE,
+                template=match))
+        return out
