@@ -25,13 +25,12 @@ from spectranet.streamer.science.templates import (
     refine_redshift,
     save_template_bank,
 )
-from spectranet.training.data import ManifestEntry
+from spectranet.training.data import ManifestEntry, object_key
 from spectranet.training.template_bank import (
     BankSettings,
     build_template_bank,
     read_exclusions,
     rest_grid_for,
-    template_object_key,
 )
 
 GRID = Grid(3500.0, 10000.0, 256)
@@ -299,15 +298,15 @@ def test_the_builder_keeps_phases_maps_types_and_drops_excluded_objects(tmp_path
     assert excluded == {"2002cs", "2011fe"}
     kept = build_template_bank(entries, GRID, exclude=excluded)
     assert sorted(set(kept.objects)) == ["sn1993J", "sn1994I"]
-    assert not {template_object_key(o) for o in kept.objects} & excluded
+    assert not {object_key(o) for o in kept.objects} & excluded
 
 
 def test_template_object_names_meet_survey_names():
-    assert template_object_key("sn02cs_bsnip") == template_object_key("SN 2002cs") == "2002cs"
-    assert template_object_key("sn94D") == "1994d"
-    assert template_object_key("sn1994D") == "1994d"
-    assert template_object_key("PTF10qts") == "ptf10qts"
-    assert template_object_key("at2018lna") == "2018lna"
+    assert object_key("sn02cs_bsnip") == object_key("SN 2002cs") == "2002cs"
+    assert object_key("sn94D") == "1994d"
+    assert object_key("sn1994D") == "1994d"
+    assert object_key("PTF10qts") == "ptf10qts"
+    assert object_key("at2018lna") == "2018lna"
 
 
 # ------------------------------------------------------------------------------------------------------- engine

@@ -379,3 +379,38 @@ def test_first_usable_draws_again_until_the_user_accepts():
 
     with pytest.raises(PreprocessError, match="none of 2"):
         first_usable(spec, [], np.random.default_rng(0), never, tries=2)
+
+
+def _spec(obj: str, label: str = "Ia", source: str = "osc") -> Spectrum:
+    return Spectrum(wave=np.linspace(3000, 9000, 10), flux=np.ones(10), label=label, object_id=canonical_object(obj),
+                    source=source, redshift=0.01, phase=None, path=obj)
+
+
+def test_v2_names_keep_a_snid_template_and_its_object_on_one_side_and_v1_can_split_them() -> None:
+    from spectranet.training.data import drop_leaked, object_key
+
+    assert object_key("sn02cs_bsnip") == object_key("SN 2002cs") == object_key("sn2002cs") == "2002cs"
+    assert object_key("sn94D") == "1994d" and object_key("PTF10qts") == "ptf10qts"
+    spectra = [_spec(f"SN 20{i:02d}ab") for i in range(40)] + [_spec(f"sn{i:02d}ab", source="snid-lnw")
+                                                               for i in range(40)]
+    v2 = split_by_object(spectra, val_fraction=0.3, seed=1, names="v2")
+    assert {object_key(s.object_id) for s in v2.train}.isdisjoint({object_key(s.object_id) for s in v2.val})
+    v1 = split_by_object(spectra, val_fraction=0.3, seed=1, names="v1")
+    leaked = {object_key(s.object_id) for s in v1.train} & {object_key(s.object_id) for s in v1.val}
+    assert leaked  # the old rule puts template and spectra of one object on both sides
+    kept, dropped = drop_leaked(v1.train, v1.val)
+    assert dropped > 0 and not {object_key(s.object_id) for s in kept} & {object_key(s.object_id) for s in v1.train}
+
+
+def test_real_sedm_objects_are_always_validation_objects() -> None:
+    spectra = [_spec(f"SN 2016{c}") for c in "abcdefghij"] + [_spec("SN 2016k", source="sedm")]
+    for seed in range(5):
+        assert "2016k" in split_by_object(spectra, val_fraction=0.1, seed=seed).val_objects
+
+
+def test_a_checkpoint_trained_before_object_key_rebuilds_its_v1_split() -> None:
+    from spectranet.training.loop import TrainConfig
+
+    assert TrainConfig.from_checkpoint({"train_config": {"seed": 3}}).object_names == "v1"
+    assert TrainConfig.from_checkpoint({"train_config": {"seed": 3, "object_names": "v2"}}).object_names == "v2"
+    assert TrainConfig().object_names == "v2"

@@ -31,7 +31,7 @@ from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, 
 from spectranet.streamer.science.preprocess import PreprocessConfig
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import metrics as M
-from spectranet.training.data import Spectrum, read_manifest
+from spectranet.training.data import Spectrum, drop_leaked, read_manifest
 from spectranet.training.simulate import SEDM_DEFAULT, simulate_input
 from spectranet.training.train import TrainConfig, load_split
 
@@ -189,6 +189,7 @@ def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path =
     net = ckpt.build_model().eval()
     # 1. data: the checkpoint's own split
     train, val, galaxies, _ = load_split(TrainConfig.from_checkpoint(ckpt.extra, manifest=str(data_manifest)))
+    val, n_leaked = drop_leaked(train, val)
     # 2. sets
     rng = np.random.default_rng(0)
     train_sub = [train[i] for i in sorted(rng.permutation(len(train))[:max_train])]
@@ -203,6 +204,7 @@ def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path =
     stem = Path(out) / f"{ckpt.name}-{ckpt.version}"
     extra = {**ckpt.extra, "calibration_fit": {
         "n_train_spectra": int(len(tr.y)), "n_validation_spectra": int(len(y_val)),
+        "validation_spectra_dropped_as_leaked": n_leaked,
         "sets": {k: int(len(v.y)) for k, v in sets.items()}, "n_non_transient_simulations": int(len(x_nt)),
         "ood_quantile": OOD_QUANTILE}}
     return save_checkpoint(net, stem, name=ckpt.name, version=ckpt.version, taxonomy=ckpt.taxonomy,

@@ -37,9 +37,8 @@ from spectranet.streamer.science.preprocess import PreprocessConfig, to_angstrom
 from spectranet.streamer.science.taxonomy import CLASSES, map_label
 
 __all__ = ["Spectrum", "ManifestEntry", "Split", "DEFAULT_DATA_DIR", "read_manifest", "read_labelled_entries",
-           "read_lnw",
-           "load_spectra", "load_galaxies", "canonical_object", "split_by_object", "counts_table",
-           "save_pack", "load_pack"]
+           "read_lnw", "load_spectra", "load_galaxies", "canonical_object", "object_key", "split_by_object",
+           "drop_leaked", "counts_table", "save_pack", "load_pack"]
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GALAXY_SOURCE = "galaxies"
@@ -90,8 +89,26 @@ class Split:
 
 
 def canonical_object(name: str) -> str:
-    """Name under which spectra of one object from different sources meet: lower case, no 'sn'/'at', alnum only."""
+    """Name under which spectra of one object from different sources meet: lower case, no 'sn'/'at', alnum only.
+
+    The first rule (splits "v1"); ``object_key`` also joins SNID's two-digit-year template names to their objects."""
     s = re.sub(r"[^a-z0-9]", "", name.strip().lower())
+    return re.sub(r"^(sn|at)(?=\d{4})", "", s)
+
+
+_TWO_DIGIT_YEAR = re.compile(r"^(?:sn)?(\d{2})([a-z]{1,3})$")
+
+
+def object_key(name: str) -> str:
+    """``canonical_object`` plus SNID template names: ``sn02cs``, ``sn02cs_bsnip`` and ``SN 2002cs`` are one object.
+
+    Works on raw names and on ``canonical_object`` output alike. Splits "v2" group by it; under "v1" the template
+    ``sn02cs`` and the spectra of SN 2002cs could fall on opposite sides of the split."""
+    s = re.sub(r"bsnip$", "", re.sub(r"[^a-z0-9]", "", name.strip().lower()))
+    m = _TWO_DIGIT_YEAR.match(s)
+    if m:
+        yy = int(m.group(1))
+        s = f"{1900 + yy if yy >= 50 else 2000 + yy}{m.group(2)}"
     return re.sub(r"^(sn|at)(?=\d{4})", "", s)
 
 
@@ -255,17 +272,21 @@ HOLDOUT_SOURCES = ("sedm",)  # real target-instrument spectra: their objects are
 
 
 def split_by_object(spectra: Sequence[Spectrum], *, val_fraction: float = 0.2, seed: int = 0,
-                    holdout_sources: Sequence[str] = HOLDOUT_SOURCES) -> Split:
+                    holdout_sources: Sequence[str] = HOLDOUT_SOURCES, names: str = "v2") -> Split:
     """Whole objects to train or validation, stratified by each object's (majority) class, reproducibly.
 
     Every class with at least two objects gets at least one validation object, so that every class is scored.
     Objects with a spectrum from ``holdout_sources`` (the real SEDM spectra) are always in validation and count
     towards their class's share, so that the target instrument is scored on objects the model never saw.
+    ``names``: "v2" groups spectra by ``object_key``; "v1" (runs before 0.4.1) by ``canonical_object`` alone.
     """
-    forced = {s.object_id for s in spectra if s.source in holdout_sources}
+    if names not in ("v1", "v2"):
+        raise ValueError(f"names must be 'v1' or 'v2', got {names!r}")
+    key = object_key if names == "v2" else (lambda name: name)
+    forced = {key(s.object_id) for s in spectra if s.source in holdout_sources}
     votes: dict[str, Counter] = defaultdict(Counter)
     for s in spectra:
-        votes[s.object_id][s.label] += 1
+        votes[key(s.object_id)][s.label] += 1
     by_class: dict[str, list[str]] = defaultdict(list)
     for obj in sorted(votes):
         by_class[votes[obj].most_common(1)[0][0]].append(obj)
@@ -280,9 +301,17 @@ def split_by_object(spectra: Sequence[Spectrum], *, val_fraction: float = 0.2, s
         free = [objs[i] for i in order if objs[i] not in forced]
         val_objects.update(held)
         val_objects.update(free[:max(n_val - len(held), 0)])
-    train = tuple(s for s in spectra if s.object_id not in val_objects)
-    val = tuple(s for s in spectra if s.object_id in val_objects)
+    train = tuple(s for s in spectra if key(s.object_id) not in val_objects)
+    val = tuple(s for s in spectra if key(s.object_id) in val_objects)
     return Split(train=train, val=val, val_objects=frozenset(val_objects))
+
+
+def drop_leaked(train: Sequence[Spectrum], val: Sequence[Spectrum]) -> tuple[list[Spectrum], int]:
+    """Validation spectra whose object (by ``object_key``) has no spectrum in ``train``, and how many were dropped:
+    a split made under the "v1" names can hold SNID's ``sn02cs`` in training and SN 2002cs in validation."""
+    seen = {object_key(s.object_id) for s in train}
+    kept = [s for s in val if object_key(s.object_id) not in seen]
+    return kept, len(val) - len(kept)
 
 
 def counts_table(spectra: Sequence[Spectrum]) -> dict[str, dict[str, int]]:

@@ -54,7 +54,7 @@ from spectranet.training.calibrate import (
     object_folds,
     run_model,
 )
-from spectranet.training.data import Spectrum, read_labelled_entries, read_manifest
+from spectranet.training.data import Spectrum, drop_leaked, read_labelled_entries, read_manifest
 from spectranet.training.template_bank import build_template_bank
 from spectranet.training.train import TrainConfig, load_split
 
@@ -252,6 +252,7 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
     ckpt = load_checkpoint(model)
     net = ckpt.build_model().eval()
     train, val, galaxies, _ = load_split(TrainConfig.from_checkpoint(ckpt.extra, manifest=str(data_manifest)))
+    val, n_leaked = drop_leaked(train, val)
     base_bank = build_bank(_bank_templates(train, max_templates), ckpt.preprocess) if baseline else None
     val_objects = sorted({s.object_id for s in val})
     try:
@@ -268,7 +269,8 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
         "refinement": {"method": "template cross-correlation within 0.03 in ln(1+z) of the network's z, templates of "
                                  "its two most probable classes",
                        "n_templates": 0 if refine_bank is None else int(len(refine_bank.objects)),
-                       "excluded_validation_objects": len(val_objects)}}
+                       "excluded_validation_objects": len(val_objects)},
+        "validation_spectra_dropped_as_leaked": n_leaked}
     sets: dict[str, Any] = {}
     if manifest is None:
         for name, s in evaluation_sets(val, galaxies, ckpt.preprocess).items():

@@ -57,6 +57,7 @@ class TrainConfig:
     normalisation: str = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0
     split_seed: int = 0
+    object_names: str = "v2"           # how spectra are grouped into objects for the split (training.data.object_key)
     val_fraction: float = 0.2
     val_repeats: int = 2               # simulated SEDM draws per validation spectrum
     val_seed: int = 12345
@@ -111,6 +112,8 @@ class TrainConfig:
         checkpoint's own split from it. Keys this code no longer knows (older checkpoints) are left out."""
         known = {f.name for f in fields(cls)}
         stored = {k: v for k, v in card.get("train_config", {}).items() if k in known}
+        if "train_config" in card and "object_names" not in card["train_config"]:
+            stored["object_names"] = "v1"  # trained before object_key: rebuild the split it was trained on
         return cls(**{**stored, **overrides})
 
 

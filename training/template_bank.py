@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,15 +31,14 @@ from spectranet.streamer.science.checkpoint import default_checkpoint_path, load
 from spectranet.streamer.science.preprocess import Grid, PreprocessConfig, prepare
 from spectranet.streamer.science.taxonomy import CLASSES, map_label
 from spectranet.streamer.science.templates import TemplateBank, save_template_bank
-from spectranet.training.data import DEFAULT_DATA_DIR, ManifestEntry, canonical_object, read_lnw, read_manifest
+from spectranet.training.data import DEFAULT_DATA_DIR, ManifestEntry, object_key, read_lnw, read_manifest
 
-__all__ = ["BankSettings", "BANK_VERSION", "TEMPLATE_SOURCES", "template_object_key", "read_exclusions",
+__all__ = ["BankSettings", "BANK_VERSION", "TEMPLATE_SOURCES", "read_exclusions",
            "rest_grid_for", "build_template_bank", "write_credits", "main"]
 
 BANK_VERSION = "1.0"
 TEMPLATE_SOURCES = ("snid-lnw", "super-snid")
 _TEMPLATE_BLUE_AA = 2500.0  # SNID templates start here (rest frame)
-_TWO_DIGIT_YEAR = re.compile(r"^(?:sn)?(\d{2})([a-z]{1,3})(?:_.*)?$")
 
 CREDITS = """# Template bank credits
 
@@ -67,25 +65,13 @@ class BankSettings:
     sources: tuple[str, ...] = TEMPLATE_SOURCES
 
 
-def template_object_key(name: str) -> str:
-    """Canonical object name of a template (``sn02cs_bsnip`` -> ``2002cs``, ``sn1994D`` -> ``1994d``)."""
-    s = name.strip().lower()
-    m = _TWO_DIGIT_YEAR.match(s)
-    if m:
-        yy = int(m.group(1))
-        s = f"{1900 + yy if yy >= 50 else 2000 + yy}{m.group(2)}"
-    else:
-        s = re.sub(r"_bsnip$", "", s)
-    return canonical_object(s)
-
-
 def read_exclusions(path: str | Path) -> frozenset[str]:
     """Object names to leave out, one per line (``#`` comments and blank lines ignored), canonicalised."""
     names = []
     for line in Path(path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            names.append(template_object_key(line))
+            names.append(object_key(line))
     return frozenset(names)
 
 
@@ -118,7 +104,7 @@ def build_template_bank(entries: Sequence[ManifestEntry], grid: Grid, *, setting
                         exclude: Collection[str] = frozenset(), log: bool = False) -> TemplateBank:
     """A bank for inputs on ``grid`` from the ``.lnw`` manifest ``entries`` (see the module docstring)."""
     rest, _ = rest_grid_for(grid)
-    excluded = frozenset(template_object_key(x) for x in exclude)
+    excluded = frozenset(object_key(x) for x in exclude)
     rows: list[tuple[int, str, float, np.ndarray, int, int, str, str]] = []
     counts: Counter[str] = Counter()
     for e in entries:
@@ -128,7 +114,7 @@ def build_template_bank(entries: Sequence[ManifestEntry], grid: Grid, *, setting
         if cls is None:
             counts["ambiguous type"] += 1
             continue
-        if template_object_key(e.object_id) in excluded:
+        if object_key(e.object_id) in excluded:
             counts["excluded object"] += 1
             continue
         epochs = [ep for ep in _epochs(e) if settings.phase_min <= ep[2] <= settings.phase_max]

@@ -102,7 +102,7 @@ def load_split(cfg: TrainConfig) -> tuple[list[Spectrum], list[Spectrum], list, 
     if cfg.max_spectra:
         keep = np.random.default_rng(cfg.seed).permutation(len(spectra))[:cfg.max_spectra]
         spectra = [spectra[i] for i in sorted(keep)]
-    split = split_by_object(spectra, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    split = split_by_object(spectra, val_fraction=cfg.val_fraction, seed=cfg.split_seed, names=cfg.object_names)
     train_spectra, val_spectra = list(split.train), list(split.val)
     if not train_spectra or not val_spectra:
         raise ConfigError(f"split left {len(train_spectra)} train and {len(val_spectra)} validation spectra")
