@@ -54,6 +54,8 @@ SCHEMA_VERSION: Final[str] = _root().joinpath("latest.txt").read_text().strip()
 BUNDLED_SCHEMA_IDS: Final[Mapping[int, tuple[str, str]]] = MappingProxyType({
     1: (SPECTRUM_PACKET, "1.0"),
     2: (ANNOTATED_SPECTRUM, "1.0"),
+    3: (SPECTRUM_PACKET, "1.1"),
+    4: (ANNOTATED_SPECTRUM, "1.1"),
 })
 """Confluent schema ids of the bundled schemas, for deployments without a registry: append-only, one per
 (schema, version), the same in every producer and consumer."""

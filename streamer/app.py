@@ -15,9 +15,10 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from confluent_kafka import Consumer, Producer
-from spectranet.streamer.config import DatabaseSettings, Settings
+from spectranet.streamer.config import DatabaseSettings, ModelSettings, Settings
+from spectranet.streamer.contract.annotate import check_template_bank
 from spectranet.streamer.contract.codec import BundledSchemas, Codec, RegistrySchemas
-from spectranet.streamer.errors import InfrastructureError
+from spectranet.streamer.errors import CheckpointError, ConfigError, InfrastructureError
 from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.classifier import SpectrumClassifier
 from spectranet.streamer.runtime.daemon import Daemon
@@ -25,11 +26,11 @@ from spectranet.streamer.runtime.kafka_io import KafkaWatch, make_consumer, make
 from spectranet.streamer.runtime.logs import Problem, describe_database_error, setting_names
 from spectranet.streamer.runtime.metrics import HealthServer, Metrics
 from spectranet.streamer.science.checkpoint import load_checkpoint
-from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.inference import InferenceEngine, resolve_template_bank
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-__all__ = ["build_daemon", "close_daemon", "open_database", "readiness_follows_broker"]
+__all__ = ["build_daemon", "close_daemon", "open_database", "readiness_follows_broker", "build_inference"]
 
 
 def open_database(settings: DatabaseSettings) -> Engine:
@@ -88,6 +89,21 @@ def _start_health(settings: Settings, metrics: Metrics) -> HealthServer:
                                               "choose a free port, or set metrics.enabled = false"))) from exc
 
 
+def build_inference(settings: ModelSettings) -> InferenceEngine:
+    """The model and, unless ``model.templates`` is "none", the template bank that refines its redshifts: each read
+    once, here; a bank that cannot be read or does not fit the model is one line naming ``model.templates``."""
+    checkpoint = load_checkpoint(settings.path)
+    try:
+        templates = resolve_template_bank(settings.templates, checkpoint)
+        if templates is not None:
+            check_template_bank(templates)
+    except (CheckpointError, ConfigError) as exc:
+        raise ConfigError(str(Problem(str(exc), setting_names("model.templates"),
+                                      'give a bank that fits the model, "" for the shipped one, or "none"'))) from exc
+    return InferenceEngine(checkpoint, device=settings.device, max_forward_batch=settings.max_forward_batch,
+                           cpu_forward_batch=settings.cpu_forward_batch, threads=settings.threads, templates=templates)
+
+
 def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
                  serve_metrics: bool | None = None, start_at_ms: int | None = None) -> Daemon:
     """``serve_metrics`` overrides ``settings.metrics.enabled`` (embedded uses start no HTTP port)."""
@@ -100,9 +116,7 @@ def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,
         if settings.database.migrate_on_start if upgrade_database is None else upgrade_database:
             _upgrade(settings.database)
         resolver = RegistrySchemas(k.schema_registry_url) if k.schema_registry_url else BundledSchemas()
-        inference = InferenceEngine(load_checkpoint(settings.model.path), device=settings.model.device,
-                                    max_forward_batch=settings.model.max_forward_batch,
-                                    cpu_forward_batch=settings.model.cpu_forward_batch, threads=settings.model.threads)
+        inference = build_inference(settings.model)
         classifier = SpectrumClassifier(inference, codec=Codec("spectrum_packet", resolver=resolver,
                                                                max_message_bytes=k.max_message_bytes),
                                         store_raw_packets=settings.database.store_arrays)

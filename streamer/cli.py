@@ -76,16 +76,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from spectranet.streamer.app import build_inference
     from spectranet.streamer.config import load_settings
     from spectranet.streamer.contract.codec import Codec
     from spectranet.streamer.runtime import db
     from spectranet.streamer.runtime.classifier import SpectrumClassifier
-    from spectranet.streamer.science.checkpoint import load_checkpoint
-    from spectranet.streamer.science.inference import InferenceEngine
     from spectranet.streamer.tools.reprocess import reprocess
 
     settings = load_settings(args.config)
-    inference = InferenceEngine(load_checkpoint(args.model), device=settings.model.device)
+    inference = build_inference(settings.model.model_copy(update={"path": args.model}))  # model.templates as the daemon
     classifier = SpectrumClassifier(inference, codec=Codec("spectrum_packet"))
     ok, failed = reprocess(db.create_engine(settings.database.url.get_secret_value()), classifier)
     print(f"re-classified {ok} stored spectra with {inference.checkpoint.name} {inference.checkpoint.version}"
@@ -132,21 +131,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
+    from spectranet.streamer.errors import CheckpointError, ConfigError
     from spectranet.streamer.science.checkpoint import load_checkpoint
-    from spectranet.streamer.science.inference import InferenceEngine
-    from spectranet.streamer.tools.files import classify_files
+    from spectranet.streamer.science.inference import InferenceEngine, resolve_template_bank
+    from spectranet.streamer.tools.files import classify_files, describe_result
 
-    inference = InferenceEngine(load_checkpoint(args.model), device=args.device)
+    checkpoint = load_checkpoint(args.model)
+    try:
+        templates = resolve_template_bank(args.templates, checkpoint)
+    except (CheckpointError, ConfigError) as exc:
+        raise ConfigError(f"--templates {args.templates!r}: {exc}") from exc
+    inference = InferenceEngine(checkpoint, device=args.device, templates=templates)
     failed = 0
     for result in classify_files(args.files, inference):
         failed += "error" in result
         if args.json:
             print(json.dumps(result), flush=True)
-        elif "error" in result:
-            print(f"{result['file']}: ERROR {result['error']}")
         else:
-            print(f"{result['file']}: {result['top_class']} (p={result['probabilities'][result['top_class']]:.2f}) "
-                  f"z={result['redshift']:.3f}±{result['redshift_err']:.3f}")
+            print(f"{result['file']}: {describe_result(result)}")
     return 1 if failed == len(args.files) else 0
 
 
@@ -242,6 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+    p.add_argument("--templates", default="", metavar="PATH|none",
+                   help="template bank that refines the redshift (default: the shipped one; 'none': off)")
     p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("db", help="database management")
@@ -290,6 +294,9 @@ def _add_plugin_subcommands(sub: "argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before numpy loads: the template refinement's matrix products are small, and a second OpenBLAS thread only
+    # spins (measured: more than twice the CPU time; bench/bench_refine.py). torch has its own (model.threads).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # import-time chatter
     args = _parser().parse_args(argv)

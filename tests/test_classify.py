@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from spectranet.streamer.contract.readers import FORMATS, sniff_format
+from spectranet.streamer.contract.readers import FORMATS, prepare_file, read_spectrum, sniff_format
+from spectranet.streamer.science.calibration import Calibration, OutOfDistribution
 from spectranet.streamer.science.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.science.model import ModelConfig, SpectraNet
@@ -25,7 +28,8 @@ SHARED_ASCII = "tests/data/spectra/SN2012P__00.txt"
 SEDM = "tests/data/spectra/2019dwa_TNS_ZTF_SEDM_2019.0514.txt"
 BAD = sorted(f"tests/data/bad_spectra/{p.name}" for p in (ROOT / "tests/data/bad_spectra").glob("*.txt"))
 MISSING = "tests/data/spectra/no_such_spectrum.txt"
-RESULT_KEYS = {"file", "top_class", "probabilities", "redshift", "redshift_err", "model", "quality"}
+RESULT_KEYS = {"file", "top_class", "probabilities", "redshift", "redshift_err", "model", "quality",
+               "confident", "redshift_network", "redshift_method", "template"}  # the last four since schema 1.1
 
 
 def _classify(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,6 +52,13 @@ def _check_result(r: dict, model: dict) -> None:
     assert 0.0 < q["coverage_fraction"] <= 1.0
     assert 0.0 <= q["ood_score"] <= 1.0
     assert "median_snr" in q
+    assert r["redshift_network"] >= 0.0
+    if r["redshift_method"] == "template":
+        assert set(r["template"]) == {"object", "type", "phase", "r"} and r["template"]["r"] > 0
+        assert abs(math.log1p(r["redshift"]) - math.log1p(r["redshift_network"])) <= 0.03 + 1e-9  # the window
+    else:
+        assert r["redshift_method"] == "model" and r["template"] is None
+        assert r["redshift"] == r["redshift_network"]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +106,73 @@ def test_readable_files_get_full_results_with_the_model_identity(shipped_run):
     for path in [*FORMAT_FIXTURES, SHARED_ASCII, SEDM]:
         assert "error" not in results[path], results[path]
         _check_result(results[path], model)
+        # the shipped model's calibration decides: no thresholds in its card -> null, else a decision
+        assert (results[path]["confident"] is None) == (not card.calibration.thresholds)
+    # the shipped template bank is on by default: the SEDM spectrum of a SN Ic matches a stripped-envelope template
+    assert results[SEDM]["redshift_method"] == "template"
+    assert results[SEDM]["template"]["type"].startswith(("Ib", "Ic"))
+
+
+def test_templates_none_keeps_the_networks_redshift():
+    proc = _classify("--json", "--templates", "none", SEDM)
+    assert proc.returncode == 0, proc.stderr
+    (r,) = _json_lines(proc.stdout)
+    assert (r["redshift_method"], r["template"]) == ("model", None)
+    assert r["redshift"] == r["redshift_network"]
+
+
+def test_a_template_bank_that_cannot_be_read_is_one_line_naming_the_option(tmp_path):
+    bad = tmp_path / "bank.npz"
+    bad.write_bytes(b"not a bank")
+    proc = _classify("--templates", str(bad), SEDM)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--templates" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_text_output_says_the_call_its_confidence_and_the_template(shipped_run):
+    proc = _classify(SEDM)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    (r,) = [r for r in _json_lines(shipped_run[1].stdout) if r["file"] == SEDM]
+    t = r["template"]
+    assert line.startswith(f"{SEDM}: {r['top_class']} {r['probabilities'][r['top_class']]:.2f}")
+    assert f"z={r['redshift']:.3f}" in line
+    assert f"[template: looks like {t['object']} ({t['type']}) at {round(t['phase']):+d} d]" in line
+
+
+CALIBRATED_FILES = [*FORMAT_FIXTURES, SHARED_ASCII, SEDM]
+
+
+@pytest.fixture(scope="module")
+def calibrated_path(checkpoint_path, tmp_path_factory) -> Path:
+    """The tiny model with a hand-made calibration: every class confident at p >= 0; out of distribution, the
+    spectra whose mean input flux is above the median of ``CALIBRATED_FILES``'."""
+    tiny = load_checkpoint(checkpoint_path)
+    n = tiny.model_config.n_bins
+    means = [prepare_file(read_spectrum(ROOT / f), tiny.preprocess).model_input()[0].mean() for f in CALIBRATED_FILES]
+    ood = OutOfDistribution(mean=np.zeros(n), scale=np.ones(n), weights=np.full(n, 1.0 / n),
+                            bias=-float(np.median(means)), threshold=0.5)
+    path = tmp_path_factory.mktemp("model") / "tiny-2.3.5.safetensors"
+    save_checkpoint(tiny.build_model(), path, name="tiny", version="2.3.5", taxonomy=CLASSES,
+                    preprocess=tiny.preprocess, calibration=Calibration(thresholds={c: 0.0 for c in CLASSES}, ood=ood))
+    return path
+
+
+def test_confident_and_out_of_distribution_come_from_the_models_calibration(calibrated_path):
+    engine = InferenceEngine(load_checkpoint(calibrated_path), device="cpu", warmup=False)
+    ood = engine.checkpoint.calibration.ood
+    files = [str(ROOT / p) for p in CALIBRATED_FILES]
+    results = list(classify_files(files, engine))
+    prepared = [prepare_file(read_spectrum(f), engine.checkpoint.preprocess) for f in files]
+    expected = ood.flag(np.stack([p.model_input()[0] for p in prepared]))
+    assert expected.any() and not expected.all()
+    assert [("out_of_distribution" in r["quality"]["flags"]) for r in results] == expected.tolist()
+    assert all(r["confident"] is True for r in results)
+    proc = _classify("--model", str(calibrated_path), *files)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all("(confident)" in line for line in lines)
+    assert ["out of distribution" in line for line in lines] == expected.tolist()
 
 
 def test_unreadable_and_bad_files_yield_error_objects(shipped_run, garbage):

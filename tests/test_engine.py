@@ -1,7 +1,9 @@
-"""Tests of spectranet.streamer.science.inference: well-formed predictions, batching, device selection, out-of-memory halving, GPU parity."""
+"""Tests of spectranet.streamer.science.inference: well-formed predictions, batching, device selection,
+out-of-memory halving, GPU parity, and the checkpoint's calibration (confident, out of distribution)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from spectranet.streamer.contract.readers import read_spectrum
-from spectranet.streamer.errors import ConfigError
+from spectranet.streamer.errors import CheckpointError, ConfigError
+from spectranet.streamer.science.calibration import Calibration, OutOfDistribution
 from spectranet.streamer.science.checkpoint import Checkpoint
 from spectranet.streamer.science.inference import InferenceEngine, select_device
 from spectranet.streamer.science.model import ModelConfig, ModelOutput, SpectraNet
@@ -226,3 +229,65 @@ def test_cuda_agrees_with_cpu_and_uses_pinned_buffers(checkpoint, prepared, monk
     np.testing.assert_allclose(a[:, n:n + 2], b[:, n:n + 2], rtol=0.05, atol=0.02)
     np.testing.assert_allclose(a[:, n + 2], b[:, n + 2], atol=0.03)
     assert sum(x.top_class == y.top_class for x, y in zip(on_gpu, on_cpu)) >= len(prepared) - 1
+
+
+# ------------------------------------------------------------------------------------- calibration: confident, OOD
+
+
+def _calibrated(checkpoint: Checkpoint, *, thresholds: dict[str, float], ood: bool) -> Checkpoint:
+    """``checkpoint`` with a hand-made calibration; its OOD score is sigmoid(mean input flux), flagged above 0.8
+    (mean flux above ~1.39): inputs shifted up are "not transients", centred ones are."""
+    n = checkpoint.model_config.n_bins
+    model = OutOfDistribution(mean=np.zeros(n), scale=np.ones(n), weights=np.full(n, 1.0 / n), bias=0.0,
+                              threshold=0.8) if ood else None
+    return dataclasses.replace(checkpoint, calibration=Calibration(thresholds=thresholds, ood=model))
+
+
+def test_confident_follows_the_checkpoints_thresholds_and_ood_its_flux_score(checkpoint):
+    x = _arrays(24, seed=3)
+    x[12:, 0] += 3.0  # the second half's flux channel is far from anything the OOD model was "fitted" on
+    plain = InferenceEngine(checkpoint, device="cpu", warmup=False).predict_arrays(x)
+    threshold = float(np.median([p.top_probability for p in plain]))
+    top = {p.top_class for p in plain}
+    # every class that came out on top has the median as its threshold, except one, which has none
+    without = sorted(top)[0]
+    thresholds = {c: threshold for c in CLASSES if c != without}
+    engine = InferenceEngine(_calibrated(checkpoint, thresholds=thresholds, ood=True), device="cpu", warmup=False)
+    preds = engine.predict_arrays(x)
+    for p, q in zip(preds, plain):
+        assert p.probabilities == q.probabilities  # calibration decides, it does not change the probabilities
+        assert p.confident is (p.top_class != without and p.top_probability >= threshold)
+    assert {p.confident for p in preds} == {True, False}
+    assert [p.out_of_distribution for p in preds] == [False] * 12 + [True] * 12
+
+
+def test_a_checkpoint_without_calibration_is_never_confident_nor_out_of_distribution(checkpoint):
+    x = _arrays(6)
+    x[3:, 0] += 3.0
+    for cal in (dict(thresholds={}, ood=False), dict(thresholds={c: 0.0 for c in CLASSES}, ood=False)):
+        preds = InferenceEngine(_calibrated(checkpoint, **cal), device="cpu", warmup=False).predict_arrays(x)
+        assert all(p.out_of_distribution is False for p in preds)
+        assert {p.confident for p in preds} == ({None} if not cal["thresholds"] else {True})
+    only_ood = InferenceEngine(_calibrated(checkpoint, thresholds={}, ood=True), device="cpu", warmup=False)
+    preds = only_ood.predict_arrays(x)
+    assert [p.confident for p in preds] == [None] * 6  # no thresholds: null, not False
+    assert [p.out_of_distribution for p in preds] == [False] * 3 + [True] * 3
+
+
+def test_calibration_is_per_spectrum_whatever_the_chunking(checkpoint):
+    x = _arrays(40, seed=5)
+    x[::3, 0] += 3.0
+    cal = _calibrated(checkpoint, thresholds={c: 0.5 for c in CLASSES}, ood=True)
+    whole = InferenceEngine(cal, device="cpu", warmup=False, cpu_forward_batch=64).predict_arrays(x)
+    chunked = InferenceEngine(cal, device="cpu", warmup=False, cpu_forward_batch=7).predict_arrays(x)
+    assert [(p.confident, p.out_of_distribution) for p in whole] == \
+        [(p.confident, p.out_of_distribution) for p in chunked]
+    assert [p.out_of_distribution for p in whole] == [i % 3 == 0 for i in range(40)]
+
+
+def test_an_ood_model_on_another_grid_is_refused(checkpoint):
+    n = checkpoint.model_config.n_bins + 1
+    bad = OutOfDistribution(mean=np.zeros(n), scale=np.ones(n), weights=np.zeros(n), bias=0.0, threshold=0.5)
+    with pytest.raises(CheckpointError, match="out-of-distribution model has"):
+        InferenceEngine(dataclasses.replace(checkpoint, calibration=Calibration(ood=bad)), device="cpu",
+                        warmup=False)

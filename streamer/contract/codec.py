@@ -6,10 +6,12 @@ Three framings are accepted on input, sniffed from the first bytes:
   schema is inside the message.
 * ``confluent`` — magic byte 0, a big-endian 4-byte schema id, then schemaless Avro; the writer schema comes from a
   schema registry or from the bundled schemas.
-* ``schemaless`` — plain Avro body written with our bundled schema of the same major version.
+* ``schemaless`` — plain Avro body written with the bundled schema of the version its first field names (every record
+  starts with ``schema_version``); a version this code does not bundle is read with the reader schema.
 
 Whatever the writer schema, decoding resolves it to the reader schema (the bundled latest), so downstream code sees
-one shape. Encoding writes schemaless by default and the Confluent format on request.
+one shape: a 1.0 record read as 1.1 gets 1.1's defaults, a 1.1 record read as 1.0 loses the fields 1.0 lacks.
+Encoding writes schemaless by default and the Confluent format on request.
 
 For the bytes it is given, ``Codec.decode`` raises nothing but ``DecodeError`` (naming the packet's coordinates when
 the caller passes them): whatever the Avro reader raises (truncation, schema mismatch, a ``timestamp-millis`` outside
@@ -24,6 +26,7 @@ import struct
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Literal, Protocol
 
 import fastavro
@@ -123,12 +126,17 @@ class RegistrySchemas:
         return self._ids[key]
 
 
+@cache
+def _bundled_versions() -> frozenset[str]:
+    return frozenset(schemas.versions())
+
+
 def sniff_framing(data: bytes) -> Framing:
     """Which framing ``data`` uses; container files and Confluent's magic byte are unambiguous enough."""
     if data.startswith(_CONTAINER_MAGIC):
         return "container"
     if len(data) >= 5 and data[0] == 0:
-        # A schemaless packet starts with the length of schema_version ("1.0" -> 0x06), never with 0.
+        # A schemaless packet starts with the length of schema_version ("1.1" -> 0x06), never with 0.
         return "confluent"
     return "schemaless"
 
@@ -173,10 +181,11 @@ class Codec:
                 record = records[0]
             else:
                 buf = io.BytesIO(data)
-                writer = self.reader_schema
                 if framing == "confluent":
                     _, schema_id = _CONFLUENT_HEADER.unpack(buf.read(5))
                     writer = self.resolver.schema(schema_id)
+                else:
+                    writer = self._schemaless_writer(data)
                 record = fastavro.schemaless_reader(buf, writer, self.reader_schema)
                 if buf.tell() != len(data):
                     raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the record", field="value")
@@ -193,6 +202,24 @@ class Codec:
         if not isinstance(record, dict):
             raise DecodeError("decoded value is not a record", field="value")
         return record
+
+    def _schemaless_writer(self, data: bytes) -> dict[str, Any]:
+        """The bundled schema of the version a schemaless record names in its first field (``schema_version``, an
+        Avro string: zig-zag varint length, then UTF-8), or the reader schema when it names none this code bundles."""
+        length, shift, pos = 0, 0, 0
+        while pos < min(len(data), 3):  # a version string is short: its length fits in one or two varint bytes
+            byte = data[pos]
+            length |= (byte & 0x7F) << shift
+            shift, pos = shift + 7, pos + 1
+            if not byte & 0x80:
+                break
+        else:
+            return self.reader_schema
+        n = length >> 1 if not length & 1 else -1  # zig-zag decoded; negative lengths are not strings
+        version = data[pos:pos + n].decode("ascii", errors="replace") if 0 < n <= 16 else ""
+        if version == self.version or version not in _bundled_versions():
+            return self.reader_schema
+        return schemas.load_schema(self.name, version)
 
     def encode(self, record: Mapping[str, Any], *, framing: Framing = "schemaless") -> bytes:
         """A dict -> bytes; fastavro validates types and raises ``ValueError``/``TypeError`` naming the field."""

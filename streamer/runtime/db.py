@@ -5,8 +5,10 @@ and model for classifications; topic, partition and offset for dead letters), so
 leaves the database as if it had been written once. One batch is one transaction.
 
 The columns that hold packet strings are as long as the contract allows (``contract.packets.STRING_LIMITS``), so a
-validated packet always fits. ``is_row_error`` tells a row the database refuses (its data) from a database that
-does not answer (infrastructure); ``storable`` makes any text fit a column, for dead letters that must be stored.
+validated packet always fits; the template columns are as long as ``contract.annotate.TEMPLATE_STRING_LIMITS``, which
+the daemon checks its template bank against at start-up. ``is_row_error`` tells a row the database refuses (its data)
+from a database that does not answer (infrastructure); ``storable`` makes any text fit a column, for dead letters that
+must be stored.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from spectranet.streamer.contract.annotate import OUT_OF_DISTRIBUTION, TEMPLATE_STRING_LIMITS
 from spectranet.streamer.contract.packets import STRING_LIMITS
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
@@ -86,6 +89,14 @@ classifications = sa.Table(
     sa.Column("source_topic", sa.String(256), nullable=False),
     sa.Column("source_partition", sa.Integer, nullable=False),
     sa.Column("source_offset", sa.BigInteger, nullable=False),
+    # Since migration 0003 (schema 1.1); null in rows written before it.
+    sa.Column("z_network", sa.Float),                                   # the network's own redshift
+    sa.Column("template_object", sa.String(TEMPLATE_STRING_LIMITS["object"])),  # best-matching template, when
+    sa.Column("template_type", sa.String(TEMPLATE_STRING_LIMITS["type"])),      # z_method is 'template'
+    sa.Column("template_phase", sa.Float),                              # days from maximum light
+    sa.Column("template_r", sa.Float),                                  # SNID r-value of the match
+    sa.Column("confident", sa.Boolean),                                 # null: the model has no thresholds
+    sa.Column("out_of_distribution", sa.Boolean),
 )
 
 dead_letters = sa.Table(
@@ -200,6 +211,7 @@ def write_batch(engine: Engine, rows: Sequence[ClassificationRow], dead: Sequenc
 def classification_rows(packet: Mapping[str, Any], annotation: Mapping[str, Any]) -> ClassificationRow:
     """The ``spectra`` and ``classifications`` rows for one annotated packet."""
     q, z, src = annotation["quality"], annotation["redshift"], annotation["source"]
+    template = z.get("template") or {}
     return ClassificationRow(
         spectrum={
             "spectrum_id": packet["spectrum_id"], "revision": packet["revision"], "object_id": packet["object_id"],
@@ -218,6 +230,10 @@ def classification_rows(packet: Mapping[str, Any], annotation: Mapping[str, Any]
             "coverage_fraction": q["coverage_fraction"], "median_snr": q["median_snr"], "ood_score": q["ood_score"],
             "flags": q["flags"], "processed_at": annotation["timing"]["classified_at"],
             "source_topic": src["topic"], "source_partition": src["partition"], "source_offset": src["offset"],
+            "z_network": z.get("z_network"), "template_object": template.get("object"),
+            "template_type": template.get("type"), "template_phase": template.get("phase"),
+            "template_r": template.get("r"), "confident": annotation.get("confident"),
+            "out_of_distribution": OUT_OF_DISTRIBUTION in q["flags"],
         },
     )
 

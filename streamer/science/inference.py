@@ -8,6 +8,11 @@ With a template bank (``templates=``) the network's redshift becomes a prior tha
 on the CPU (``spectranet.streamer.science.templates``): ``Prediction.z`` is then the refined redshift where a template
 matched well (``z_method == "template"``, ``template`` names it) and the network's otherwise; ``z_network`` always
 keeps the network's own estimate.
+
+The checkpoint's calibration (``Checkpoint.calibration``) adds the two decisions an astronomer acts on, computed here so
+that the daemon and ``spectranet classify`` apply the same rule: ``confident`` (the top class's probability reaches its
+class's purity threshold; None for a checkpoint without thresholds) and ``out_of_distribution`` (the input flux looks
+like no class of the taxonomy; False for a checkpoint without an out-of-distribution model).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from spectranet.streamer.errors import ConfigError
+from spectranet.streamer.errors import CheckpointError, ConfigError
 from spectranet.streamer.science.checkpoint import Checkpoint
 from spectranet.streamer.science.preprocess import Prepared
 from spectranet.streamer.science.templates import (
@@ -28,10 +33,16 @@ from spectranet.streamer.science.templates import (
     METHOD_TEMPLATE,
     TemplateBank,
     TemplateMatch,
+    default_template_bank_path,
+    load_template_bank,
     refine_redshift,
 )
 
-__all__ = ["Prediction", "InferenceEngine", "select_device"]
+__all__ = ["Prediction", "InferenceEngine", "select_device", "TEMPLATES_DEFAULT", "TEMPLATES_OFF",
+           "resolve_template_bank"]
+
+TEMPLATES_DEFAULT = ""     # the template bank shipped in the package
+TEMPLATES_OFF = "none"     # no template refinement
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +58,42 @@ class Prediction:
     z_network: float = math.nan      # the network's own redshift (nan: same as z)
     z_method: str = METHOD_NETWORK   # "template" or "network": which estimate z is
     template: TemplateMatch | None = None  # best-matching template when z_method is "template"
+    confident: bool | None = None    # top probability >= its class's purity threshold; None: no thresholds
+    out_of_distribution: bool = False  # the input looks like no class of the taxonomy (False: no such model)
 
     def __post_init__(self) -> None:
         if math.isnan(self.z_network):
             object.__setattr__(self, "z_network", self.z)
         if self.z_method not in (METHOD_NETWORK, METHOD_TEMPLATE):
             raise ValueError(f"z_method must be {METHOD_NETWORK!r} or {METHOD_TEMPLATE!r}, got {self.z_method!r}")
+
+
+def resolve_template_bank(setting: str, checkpoint: Checkpoint) -> TemplateBank | None:
+    """The bank a ``model.templates`` / ``--templates`` value names for ``checkpoint``: ``TEMPLATES_OFF`` ("none")
+    no bank; a path, that bank file; ``TEMPLATES_DEFAULT`` ("") the bank shipped in the package. ``CheckpointError``
+    when the file cannot be read; ``ConfigError`` when a bank given by path does not fit the checkpoint (another grid,
+    or no continuum normalisation), while the shipped one is then left out with a warning: the default never stops a
+    model from running."""
+    value = setting.strip()
+    if value.lower() == TEMPLATES_OFF:
+        return None
+    bank = load_template_bank(default_template_bank_path() if value == TEMPLATES_DEFAULT else value)
+    try:
+        _check_bank_fits(bank, checkpoint)
+    except ConfigError as exc:
+        if value != TEMPLATES_DEFAULT:
+            raise
+        log.warning("model %s %s cannot use the shipped template bank (%s): redshifts are not refined",
+                    checkpoint.name, checkpoint.version, exc)
+        return None
+    return bank
+
+
+def _check_bank_fits(bank: TemplateBank, checkpoint: Checkpoint) -> None:
+    if checkpoint.preprocess.normalisation != "continuum":
+        raise ConfigError(f"template refinement needs continuum normalisation; checkpoint {checkpoint.name} "
+                          f"{checkpoint.version} uses {checkpoint.preprocess.normalisation!r}")
+    bank.check_grid(checkpoint.preprocess.grid)
 
 
 def select_device(requested: str) -> torch.device:
@@ -78,10 +119,11 @@ class InferenceEngine:
         in ln(1 + z) of the network's redshift. The bank must fit the checkpoint's grid and the checkpoint must use
         continuum normalisation (the refinement correlates continuum-removed spectra)."""
         if templates is not None:
-            if checkpoint.preprocess.normalisation != "continuum":
-                raise ConfigError(f"template refinement needs continuum normalisation; checkpoint {checkpoint.name} "
-                                  f"{checkpoint.version} uses {checkpoint.preprocess.normalisation!r}")
-            templates.check_grid(checkpoint.preprocess.grid)
+            _check_bank_fits(templates, checkpoint)
+        ood = checkpoint.calibration.ood
+        if ood is not None and ood.mean.shape != (checkpoint.model_config.n_bins,):
+            raise CheckpointError(f"checkpoint {checkpoint.name} {checkpoint.version}: its out-of-distribution model "
+                                  f"has {ood.mean.shape[0]} bins, the model {checkpoint.model_config.n_bins}")
         if template_top_k is not None and not 1 <= template_top_k <= len(checkpoint.taxonomy):
             raise ConfigError(f"template_top_k must lie in 1..{len(checkpoint.taxonomy)} or be None, "
                               f"got {template_top_k!r}")
@@ -141,13 +183,20 @@ class InferenceEngine:
             raise ValueError("model produced non-finite outputs")
         n = len(self.taxonomy)
         entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(n)
+        calibration = self.checkpoint.calibration
+        has_thresholds = bool(calibration.thresholds)
+        outside = (np.zeros(len(chunk), dtype=bool) if calibration.ood is None
+                   else calibration.ood.flag(chunk[:, 0]))  # on the input's flux channel, as it was fitted
         preds = []
-        for p, zi, ei, h in zip(probs, z, z_err, entropy):
+        for p, zi, ei, h, far in zip(probs, z, z_err, entropy, outside):
             top = int(p.argmax())
+            top_class, top_probability = self.taxonomy[top], float(p[top])
             preds.append(Prediction(
                 probabilities={c: float(v) for c, v in zip(self.taxonomy, p)},
-                top_class=self.taxonomy[top], top_probability=float(p[top]),
+                top_class=top_class, top_probability=top_probability,
                 z=float(max(zi, 0.0)), z_err=float(ei), ood_score=float(h),
+                confident=calibration.confident(top_class, top_probability) if has_thresholds else None,
+                out_of_distribution=bool(far),
             ))
         return preds
 

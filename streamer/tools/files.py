@@ -1,4 +1,5 @@
-"""Spectrum files in: publish them as packets (``spectranet produce``) or classify them directly (``spectranet classify``)."""
+"""Spectrum files in: publish them as packets (``spectranet produce``) or classify them directly
+(``spectranet classify``)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError
 from spectranet.schemas import SCHEMA_VERSION
+from spectranet.streamer.contract.annotate import OUT_OF_DISTRIBUTION
 from spectranet.streamer.contract.codec import Codec, Framing
-from spectranet.streamer.contract.readers import SpectrumFile, prepare_file, read_spectrum
+from spectranet.streamer.contract.readers import SpectrumFile, flux_err_as_sigma, prepare_file, read_spectrum
 from spectranet.streamer.errors import ConfigError, PacketError, SpectraNetError, SpectrumFileError
 from spectranet.streamer.runtime.kafka_io import KafkaWatch, make_producer
-from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.inference import InferenceEngine, Prediction
 from spectranet.streamer.science.preprocess import Prepared
+from spectranet.streamer.science.templates import METHOD_TEMPLATE
 
-__all__ = ["publish_files", "NOT_DELIVERED", "packet_from_file", "spectrum_id_for", "classify_files"]
+__all__ = ["publish_files", "NOT_DELIVERED", "packet_from_file", "spectrum_id_for", "classify_files",
+           "describe_result"]
 
 NOT_DELIVERED = "<not delivered>"  # the path of publish_files' error entry for packets without a delivery
 
@@ -72,22 +76,53 @@ def publish_files(paths: Iterable[str], *, topic: str, bootstrap_servers: str, f
     return delivered, errors
 
 
-def _result(path: str, prepared: Prepared, pred: Any, inference: InferenceEngine) -> dict[str, Any]:
+def _result(path: str, prepared: Prepared, pred: Prediction, inference: InferenceEngine) -> dict[str, Any]:
+    """One file's result (``spectranet classify --json``): ``redshift`` is the final estimate (template-refined when
+    ``redshift_method`` is "template"), ``redshift_network`` the network's own; the annotated record's vocabulary."""
     ck = inference.checkpoint
+    flags = list(prepared.flags)
+    if pred.out_of_distribution and OUT_OF_DISTRIBUTION not in flags:
+        flags.append(OUT_OF_DISTRIBUTION)
+    match = pred.template
     return {
         "file": path,
         "top_class": pred.top_class,
         "probabilities": pred.probabilities,
+        "confident": pred.confident,
         "redshift": pred.z,
         "redshift_err": pred.z_err,
+        "redshift_network": pred.z_network,
+        "redshift_method": "template" if pred.z_method == METHOD_TEMPLATE else "model",
+        "template": None if match is None else {
+            "object": match.object, "type": match.type,
+            "phase": None if math.isnan(match.phase) else match.phase, "r": match.r},
         "model": {"name": ck.name, "version": ck.version, "sha256": ck.weights_sha256},
         "quality": {"coverage_fraction": prepared.coverage_fraction,
                     "median_snr": None if math.isnan(prepared.median_snr) else prepared.median_snr,
-                    "ood_score": pred.ood_score, "flags": list(prepared.flags)},
+                    "ood_score": pred.ood_score, "flags": flags},
     }
 
 
-def classify_files(paths: Iterable[str], inference: InferenceEngine, *, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+def describe_result(result: Mapping[str, Any]) -> str:
+    """One line for a person: ``Ia 0.97 (confident) z=0.031±0.004 [template: looks like sn2011fe (Ia-norm) at +5 d]``
+    (``(not confident)`` below the class's threshold, nothing when the model has none)."""
+    if "error" in result:
+        return f"ERROR {result['error']}"
+    top = result["top_class"]
+    confidence = {True: " (confident)", False: " (not confident)", None: ""}[result["confident"]]
+    line = (f"{top} {result['probabilities'][top]:.2f}{confidence} "
+            f"z={result['redshift']:.3f}±{result['redshift_err']:.3f}")
+    t = result["template"]
+    if t is not None:
+        phase = "" if t["phase"] is None else f" at {round(t['phase']):+d} d"
+        line += f" [template: looks like {t['object']} ({t['type']}){phase}]"
+    if OUT_OF_DISTRIBUTION in result["quality"]["flags"]:
+        line += " [out of distribution: not a class of the taxonomy?]"
+    return line
+
+
+def classify_files(paths: Iterable[str], inference: InferenceEngine, *,
+                   batch_size: int = 256) -> Iterator[dict[str, Any]]:
     """One result per path, in order; unreadable files yield ``{"file", "error"}`` and never stop the others."""
     pending: list[tuple[str, Prepared]] = []
 
@@ -122,7 +157,8 @@ def packet_from_file(sf: SpectrumFile, *, survey: str = "TNS", revision: int = 0
     """A spectrum packet (reader-schema dict) for a spectrum read from a file.
 
     The reported label and redshift stay in the header for bookkeeping; the packet carries a redshift prior only
-    for rest-frame data, which cannot be placed on the observer-frame grid without it.
+    for rest-frame data, which cannot be placed on the observer-frame grid without it. An error column that holds
+    variances is square-rooted, as ``prepare_file`` does (the packet's ``flux_err`` is 1-sigma).
     """
     object_id = sf.object_id or sf.header.get("object") or sf.path.rsplit("/", 1)[-1].split(".")[0]
     header = {k: str(v) for k, v in sf.header.items()}
@@ -148,7 +184,7 @@ def packet_from_file(sf: SpectrumFile, *, survey: str = "TNS", revision: int = 0
         "exptime": None,
         "wavelength": sf.wavelength.astype(float).tolist(),
         "flux": sf.flux.astype(float).tolist(),
-        "flux_err": None if sf.flux_err is None else sf.flux_err.astype(float).tolist(),
+        "flux_err": None if sf.flux_err is None else flux_err_as_sigma(sf.flux, sf.flux_err).astype(float).tolist(),
         "mask": None,
         "wavelength_unit": sf.wavelength_unit,
         "flux_unit": sf.flux_unit,

@@ -5,8 +5,9 @@ For each schema in ``spectranet.schemas.SCHEMA_NAMES`` at ``SCHEMA_VERSION`` it 
 ``<schema>_v<major>_<minor>.json`` (the record as plain JSON; timestamps as epoch milliseconds, as on the wire).
 
 * ``spectrum_packet``: a real SEDM spectrum (2019dwa, slsne package, MIT) read from ``tests/data/spectra/``.
-* ``annotated_spectrum``: what the daemon publishes for that packet: ``prepare_packet``, the shipped model and
-  ``build_annotation``, with fixed timestamps and source coordinates.
+* ``annotated_spectrum``: what the daemon publishes for that packet: ``prepare_packet``, the shipped model with the
+  shipped template bank (the daemon's default ``model.templates``) and ``build_annotation``, with fixed timestamps and
+  source coordinates.
 
 Golden samples are history, not fixtures: the files of a version, once committed, record what producers of that
 version wrote, and ``tests/test_schema_versions.py`` checks that every version's files still decode and re-encode
@@ -29,7 +30,7 @@ from spectranet.streamer.contract.codec import Codec, Framing
 from spectranet.streamer.contract.packets import prepare_packet
 from spectranet.streamer.contract.readers import read_spectrum
 from spectranet.streamer.science.checkpoint import load_checkpoint
-from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.inference import TEMPLATES_DEFAULT, InferenceEngine, resolve_template_bank
 from spectranet.streamer.tools.files import packet_from_file
 
 HERE = Path(__file__).parent
@@ -48,7 +49,9 @@ def golden_annotation() -> dict[str, Any]:
     packet = golden_packet()
     model = load_checkpoint()
     prepared = prepare_packet(packet, model.preprocess)
-    (prediction,) = InferenceEngine(model, device="cpu", warmup=False).predict([prepared])
+    engine = InferenceEngine(model, device="cpu", warmup=False,
+                             templates=resolve_template_bank(TEMPLATES_DEFAULT, model))
+    (prediction,) = engine.predict([prepared])
     return build_annotation(packet, prepared, prediction, model,
                             source=Source(topic="spectra", partition=3, offset=41_207),
                             consumed_at=datetime(2023, 11, 14, 22, 13, 20, 250_000, tzinfo=timezone.utc),
