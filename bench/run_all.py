@@ -383,6 +383,10 @@ def render() -> str:
         for f in prof["top_self"][:15]:
             add(f"| {100 * f['share']:.1f} % | `{f['frame']}` |")
     add("")
+    if (RESULTS / "refine_daemon.json").is_file():  # bench/bench_refine_daemon.py, run on its own
+        from bench_refine_daemon import section as refine_daemon_section
+
+        add(refine_daemon_section(_read("refine_daemon")))
     return "\n".join(L) + "\n"
 
 
