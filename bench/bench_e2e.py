@@ -147,7 +147,8 @@ class DaemonProcess:
         return rc
 
 
-def daemon_env(*, bootstrap: str, group: str, topic: str, output: str, database_url: str, threads: int) -> dict[str, str]:
+def daemon_env(*, bootstrap: str, group: str, topic: str, output: str, database_url: str,
+               threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECTRANET_", "KAFKA_"))}
     env.update({
         "SPECTRANET_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "SPECTRANET_KAFKA__GROUP_ID": group,
@@ -236,8 +237,9 @@ def _latency_stats(recs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _flush_line() -> int:
-    """The line of the delivery thread's ``producer.flush`` in streamer/daemon.py (py-spy names the caller's line)."""
-    for i, line in enumerate((ROOT / "streamer" / "daemon.py").read_text().splitlines(), 1):
+    """The line of the delivery thread's ``producer.flush`` in streamer/runtime/daemon.py (py-spy names the caller's
+    line)."""
+    for i, line in enumerate((ROOT / "streamer" / "runtime" / "daemon.py").read_text().splitlines(), 1):
         if "remaining = self.producer.flush(" in line:
             return i
     return -1
@@ -267,11 +269,12 @@ def profile(pid: int, seconds: int, out: Path) -> dict[str, Any]:
         for f in set(frames):
             incl[f] = incl.get(f, 0) + c
     stages = {"poll (consumer.consume)": "Daemon._poll", "execute (decode..classify)": "SpectrumClassifier.execute",
-              "  decode": "Codec.decode", "  validate + prepare": "SpectrumClassifier._prepare",
+              "  decode": "Codec.decode", "  validate + prepare": "prepare_packet",
               "  inference (engine._run)": "InferenceEngine._run", "  model forward": "SpectraNet.forward",
               "  annotate": "build_annotation", "write + publish (delivery thread)": "Daemon._write_and_publish",
               "  db.write_batch": "write_batch", "  encode output": "Codec.encode",
-              "  producer.flush (on CPU)": "Daemon._write_and_publish (streamer/daemon.py:" + str(_flush_line()) + ")",
+              "  producer.flush (on CPU)":
+                  f"Daemon._write_and_publish (streamer/runtime/daemon.py:{_flush_line()})",
               "commit": "Daemon._commit"}
     stage_share = {label: 0 for label in stages}
     for line in out.read_text().splitlines():
@@ -281,7 +284,10 @@ def profile(pid: int, seconds: int, out: Path) -> dict[str, Any]:
         for label, needle in stages.items():
             if needle in stack:
                 stage_share[label] += int(count)
-    top = lambda d: [{"frame": f, "share": round(v / total, 3)} for f, v in sorted(d.items(), key=lambda kv: -kv[1])[:25]]
+
+    def top(d: dict[str, int]) -> list[dict[str, Any]]:
+        return [{"frame": f, "share": round(v / total, 3)} for f, v in sorted(d.items(), key=lambda kv: -kv[1])[:25]]
+
     return {"samples": total, "file": str(out.relative_to(ROOT)), "top_self": top(self_t), "top_inclusive": top(incl),
             "stages": {k: round(v / total, 3) for k, v in stage_share.items()}}
 
@@ -300,8 +306,8 @@ def single_daemon(*, bootstrap: str, pg_dsn: str, create_database: Any, base: li
     blocks = Blocks(base)
     pub = Publisher(bootstrap, topic)
     watcher = OutputWatcher(bootstrap, output)
-    res: dict[str, Any] = {"topic": topic, "partitions": 3, "database_url": url, "config": "defaults (batch.max_packets 64, "
-                           "batch.max_wait_s 1.0, pipelined)"}
+    res: dict[str, Any] = {"topic": topic, "partitions": 3, "database_url": url,
+                           "config": "defaults (batch.max_packets 64, batch.max_wait_s 1.0, pipelined)"}
     drain_items, drain_revs = blocks.take(n_drain)
     pub.burst(drain_items)
     res["drain_revisions"] = [drain_revs.start, drain_revs.stop]
@@ -318,7 +324,8 @@ def single_daemon(*, bootstrap: str, pg_dsn: str, create_database: Any, base: li
         print("sustained", res["sustained"], flush=True)
         max_rate = round(0.9 * res["sustained"]["spectra_per_s"])
         res["latency"] = []
-        for label, rate in (("10/s", 10), ("50/s", 50), (f"max sustainable ({max_rate}/s = 0.9 x sustained)", max_rate)):
+        max_label = f"max sustainable ({max_rate}/s = 0.9 x sustained)"
+        for label, rate in (("10/s", 10), ("50/s", 50), (max_label, max_rate)):
             items, revs = blocks.take(int(rate * duration))
             achieved = pub.paced(items, rate)
             recs = watcher.wait_for(revs, len(items), 120 + len(items) / 10)
@@ -353,7 +360,7 @@ def single_daemon(*, bootstrap: str, pg_dsn: str, create_database: Any, base: li
 def scaling(*, bootstrap: str, pg_dsn: str, create_database: Any, base: list[dict[str, Any]], quick: bool,
             threads: int, counts: tuple[int, ...] = (1, 2, 4)) -> list[dict[str, Any]]:
     n = 300 if quick else 2000
-    rows = []
+    rows: list[dict[str, Any]] = []
     for k in counts:
         name = f"scale{k}_{uuid.uuid4().hex[:8]}"
         topic, output = f"{name}-in", f"{name}-out"

@@ -53,7 +53,8 @@ def time_batches(preset: str, batch: int, *, min_time: float, max_batches: int) 
         engine.predict_arrays(x)
         times.append(time.perf_counter() - t)
     total = sum(times)
-    return {"preset": preset, "batch": batch, "batches": len(times), "spectra_per_s": round(batch * len(times) / total, 2),
+    return {"preset": preset, "batch": batch, "batches": len(times),
+            "spectra_per_s": round(batch * len(times) / total, 2),
             "spectra_per_s_median": round(batch / percentile(times, 50), 2),
             "batch_ms_mean": round(1e3 * total / len(times), 3), "batch_ms_p50": round(1e3 * percentile(times, 50), 3),
             "load_average": load()}

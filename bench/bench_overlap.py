@@ -20,11 +20,13 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spectranet.streamer.contract.codec import Codec  # noqa: E402
+from spectranet.streamer.contract.packets import prepare_packet  # noqa: E402
 from spectranet.streamer.contract.readers import read_spectrum  # noqa: E402
 from spectranet.streamer.runtime.classifier import SpectrumClassifier  # noqa: E402
 from spectranet.streamer.science.checkpoint import load_checkpoint  # noqa: E402
@@ -46,20 +48,21 @@ def _classifier() -> SpectrumClassifier:
 def prepare_batch(values: list[bytes]) -> list[Prepared]:
     """Decode, validate, prepare (the daemon's per-packet work before inference); arrays dropped from the result."""
     c = _classifier()
-    return [c._prepare(c.codec.decode(v)) for v in values]
+    return [prepare_packet(c.codec.decode(v), c.model.preprocess, c.limits) for v in values]
 
 
 def run(values: list[list[bytes]], engine: InferenceEngine, pool: Executor | None) -> float:
     t0 = time.perf_counter()
-    ahead = pool.submit(prepare_batch, values[0]) if pool else None
-    for i in range(len(values)):
-        if pool:
+    if pool is None:
+        for batch in values:
+            engine.predict(prepare_batch(batch))
+    else:
+        ahead = pool.submit(prepare_batch, values[0])
+        for i in range(len(values)):
             prepared = ahead.result()
             if i + 1 < len(values):
                 ahead = pool.submit(prepare_batch, values[i + 1])  # next batch prepares while this one infers
-        else:
-            prepared = prepare_batch(values[i])
-        engine.predict(prepared)
+            engine.predict(prepared)
     return time.perf_counter() - t0
 
 
@@ -74,12 +77,12 @@ def main() -> None:
     flat = [base[i % len(base)] for i in range(args.batches * args.batch)]
     values = [flat[i:i + args.batch] for i in range(0, len(flat), args.batch)]
     engine = InferenceEngine(load_checkpoint(), device="cpu")
-    results = {}
+    results: dict[str, Any] = {}
     # spawn, not fork: forking a process whose torch/OpenMP threads are running deadlocks the child.
     spawn = multiprocessing.get_context("spawn")
     with ThreadPoolExecutor(1) as threads, ProcessPoolExecutor(1, mp_context=spawn) as procs:
         procs.submit(prepare_batch, values[0][:1]).result()  # start the worker outside the timing
-        for rep in range(2):
+        for _ in range(2):
             for name, pool in (("inline", None), ("thread", threads), ("process", procs)):
                 dt = run(values, engine, pool)
                 results.setdefault(name, []).append(round(len(flat) / dt, 1))

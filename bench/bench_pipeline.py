@@ -19,6 +19,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,7 +51,7 @@ def publish(bootstrap: str, topic: str, items: list[dict]) -> None:
     assert producer.flush(60) == 0
 
 
-MODES = {
+MODES: dict[str, dict[str, dict[str, Any]]] = {
     # the walking skeleton: one thread, each batch written and published before the next is polled
     "skeleton": {"batch": {"pipelined": False}, "model": {"cpu_forward_batch": 256}},
     "pipelined": {"batch": {"pipelined": True}, "model": {"cpu_forward_batch": 256}},
@@ -75,10 +76,11 @@ def run_mode(kafka: KafkaService, pg: PostgresService, items: list[dict], *, mod
     stats = daemon.run(max_messages=len(items), idle_timeout_s=120)
     elapsed = time.perf_counter() - t0
     assert stats.classified == len(items), stats
-    stage = {s.labels["stage"]: s.value for m in daemon.metrics.registry.collect() if m.name == "spectranet_stage_seconds"
-             for s in m.samples if s.name.endswith("_sum")}
+    stage = {s.labels["stage"]: s.value for m in daemon.metrics.registry.collect()
+             if m.name == "spectranet_stage_seconds" for s in m.samples if s.name.endswith("_sum")}
     return {"mode": mode, "packets": len(items), "batch": batch, "seconds": round(elapsed, 2),
-            "packets_per_s": round(len(items) / elapsed, 1), "stage_seconds": {k: round(v, 2) for k, v in stage.items()}}
+            "packets_per_s": round(len(items) / elapsed, 1),
+            "stage_seconds": {k: round(v, 2) for k, v in stage.items()}}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The daemon's stages one at a time, in microseconds per spectrum, on the real spectra and the shipped model.
 
     decode      Codec("spectrum_packet").decode of the input packets
-    prepare     SpectrumClassifier._prepare (contract validation + preprocess.prepare)
+    prepare     contract.packets.prepare_packet (contract validation + preprocess.prepare)
     infer       InferenceEngine.predict at the daemon's batch size (64) and at batch 1
     annotate    build_annotation + db.classification_rows
     encode      Codec("annotated_spectrum").encode (the output packet)
@@ -22,6 +22,7 @@ from confluent_kafka import Producer
 from spectranet.streamer.config import load_settings
 from spectranet.streamer.contract.annotate import Source, build_annotation
 from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.packets import prepare_packet
 from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.classifier import SpectrumClassifier
 from spectranet.streamer.runtime.kafka_io import producer_config
@@ -50,7 +51,7 @@ def run(*, quick: bool, bootstrap: str, db_url: str, topic: str) -> dict[str, An
     codec_in, codec_out = clf.codec, Codec("annotated_spectrum")
     raw = [codec_in.encode(p) for p in items]
     decoded = [codec_in.decode(b) for b in raw]
-    prepared = [clf._prepare(p) for p in decoded]
+    prepared = [prepare_packet(p, clf.model.preprocess, clf.limits) for p in decoded]
     stages: dict[str, dict[str, Any]] = {}
 
     def rec(name: str, fn: Callable[[], int], **extra: Any) -> None:
@@ -60,7 +61,7 @@ def run(*, quick: bool, bootstrap: str, db_url: str, topic: str) -> dict[str, An
 
     rec("decode", lambda: len([codec_in.decode(b) for b in raw]),
         bytes_per_packet=round(sum(map(len, raw)) / len(raw)))
-    rec("prepare", lambda: len([clf._prepare(p) for p in decoded]))
+    rec("prepare", lambda: len([prepare_packet(p, clf.model.preprocess, clf.limits) for p in decoded]))
     batch64 = (prepared * 2)[:64]
     rec("infer (batch 64)", lambda: len(clf.engine.predict(batch64)))
     rec("infer (batch 1)", lambda: len([clf.engine.predict([p]) for p in prepared[:32]]))

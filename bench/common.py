@@ -56,8 +56,8 @@ def machine(threads: int) -> dict[str, Any]:
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "streamer"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "streamer"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit.strip() + (" (streamer/ modified)" if dirty else ""),

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, Producer
 from spectranet.streamer.config import load_settings
 from spectranet.streamer.contract.annotate import Source, build_annotation
 from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.packets import prepare_packet
 from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.classifier import SpectrumClassifier
 from spectranet.streamer.runtime.kafka_io import producer_config
@@ -54,11 +55,14 @@ def run(*, bootstrap: str, topic: str, output_topic: str, database_url: str, gro
                 deadline = time.monotonic() + time_limit_s
             consumed_at = datetime.now(timezone.utc)
             packet = clf.codec.decode(msg.value())                                     # decode
-            prepared = clf._prepare(packet)                                            # preprocess
+            prepared = prepare_packet(packet, m.preprocess, clf.limits)                # validate, preprocess
             pred = engine.predict([prepared])[0]                                       # infer one
-            ann = build_annotation(packet, prepared, pred, m, source=Source(msg.topic(), msg.partition(), msg.offset()),
+            msg_topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            if msg_topic is None or partition is None or offset is None:
+                raise RuntimeError("a consumed message without its topic, partition or offset")
+            ann = build_annotation(packet, prepared, pred, m, source=Source(msg_topic, partition, offset),
                                    consumed_at=consumed_at, classified_at=datetime.now(timezone.utc))
-            db.write_batch(database, [db.classification_rows(packet, ann)])                       # insert one row, one txn
+            db.write_batch(database, [db.classification_rows(packet, ann)])            # insert one row, one txn
             producer.produce(output_topic, key=packet["object_id"].encode(), value=out_codec.encode(ann))
             failures += producer.flush(30)                                             # produce one + flush
             consumer.commit(message=msg, asynchronous=False)                           # commit synchronously

@@ -129,7 +129,8 @@ def _pipeline_section(r: dict) -> str:
         f"{r['results'][0]['packets']:,} real packets pre-published to 3 partitions of {r['kafka']}, {r['postgres']}, "
         f"batches of {r['results'][0]['batch']}, torch's default threads.\n\n"
         "| daemon loop | spectra/s | seconds | vs skeleton |\n|---|---:|---:|---:|\n" + rows + "\n\n"
-        "*skeleton*: one thread, each batch written and published before the next is polled, the model run on the whole "
+        "*skeleton*: one thread, each batch written and published before the next is polled, the model run on the "
+        "whole "
         "batch; *pipelined*: a delivery thread writes and publishes batch N while batch N+1 is polled and classified; "
         "*cpu chunks of 16*: the engine runs the model 16 spectra at a time on CPU (CPU time per spectrum 5.5 ms at "
         "16-32 vs 9.6 ms at 256 on one thread).\n"
@@ -152,10 +153,12 @@ def render() -> str:
     add("## Machine and conditions")
     add("")
     quiet = model.get("quiet_wait")
-    add(f"- date {m['date']}, commit `{m['commit']}`, mode: {'QUICK (smoke run, small N)' if model['quick'] else 'full'}")
+    add(f"- date {m['date']}, commit `{m['commit']}`, "
+        f"mode: {'QUICK (smoke run, small N)' if model['quick'] else 'full'}")
     add(f"- CPU: {m['cpu']}, `nproc` = {m['nproc']}, RAM {m['ram_gb']} GB, no GPU; Python {m['python']}, "
         f"torch {m['torch']}, numpy {m['numpy']}")
-    add(f"- torch threads per process: {model['threads']} (model-only, matmul, the daemons and the naive consumer alike)")
+    add(f"- torch threads per process: {model['threads']} "
+        "(model-only, matmul, the daemons and the naive consumer alike)")
     add(f"- Kafka: {stages.get('kafka')}; PostgreSQL: {stages.get('postgres')}")
     add(f"- load average at start: {_la(model['load_at_start'])}")
     if quiet is not None:
@@ -165,7 +168,8 @@ def render() -> str:
             add(f"- **the machine never got quiet**: 1-min load average stayed at or above 1.5 for the whole wait "
                 f"(seen: {quiet['seen']}); a training job and other engineers' tests shared the 2 cores, so every "
                 "figure below is lower than on an idle machine")
-    figs = ([r["load_average"][0] for r in model["throughput"]] + [x["load_average"][0] for x in stages["stages"].values()]
+    figs = ([r["load_average"][0] for r in model["throughput"]]
+            + [x["load_average"][0] for x in stages["stages"].values()]
             + [e2e["sustained"]["load_average"][0], e2e["burst"]["load_average"][0], naive["load_average"][0]]
             + [r["load_average"][0] for r in e2e["latency"]] + [r["load_average"][0] for r in scale["rows"]])
     add(f"- 1-min load average recorded with the figures below: {min(figs):.2f} to {max(figs):.2f}"
@@ -176,7 +180,8 @@ def render() -> str:
 
     add("## Model only (CPU, random weights, `InferenceEngine.predict_arrays`)")
     add("")
-    add("| preset | parameters | GFLOPs / spectrum | batch | spectra/s (mean) | spectra/s (median batch) | batch latency mean (ms) | p50 (ms) | batches | load avg |")
+    add("| preset | parameters | GFLOPs / spectrum | batch | spectra/s (mean) | spectra/s (median batch) "
+        "| batch latency mean (ms) | p50 (ms) | batches | load avg |")
     add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in model["throughput"]:
         p = model["presets"][r["preset"]]
@@ -214,11 +219,13 @@ def render() -> str:
     n_sum = sum(st[k]["us_per_spectrum"] for k in naive_keys)
     main_thread = sum(st[k]["us_per_spectrum"] for k in daemon_keys[:4])
     add("")
-    add(f"Sum of the daemon's stages at batch 64: {d_sum:,.0f} µs ({1e6 / d_sum:,.0f} spectra/s if nothing overlapped); "
+    add(f"Sum of the daemon's stages at batch 64: {d_sum:,.0f} µs "
+        f"({1e6 / d_sum:,.0f} spectra/s if nothing overlapped); "
         f"main thread only (decode + prepare + infer + annotate): {main_thread:,.0f} µs ({1e6 / main_thread:,.0f} "
         f"spectra/s, the pipelined ceiling on one core). Sum at batch 1 (the naive consumer's path, without its "
         f"commit): {n_sum:,.0f} µs ({1e6 / n_sum:,.0f} spectra/s). Sizes: input packet "
-        f"{st['decode'].get('bytes_per_packet', '?')} B, annotated packet {st['encode output'].get('bytes_per_annotation', '?')} B.")
+        f"{st['decode'].get('bytes_per_packet', '?')} B, "
+        f"annotated packet {st['encode output'].get('bytes_per_annotation', '?')} B.")
     add("")
 
     add("## End to end (one daemon process, Apache Kafka + PostgreSQL)")
@@ -231,8 +238,10 @@ def render() -> str:
         f"{_la(s['load_average'])} |")
     for r in e2e["latency"]:
         add(f"| latency at {r['rate']} (published {r['published_per_s']}/s, n={r['n']}) | p50 {r['p50_s']:.3f} s, "
-            f"**p99 {r['p99_s']:.3f} s**, max {r['max_s']:.3f} s; median parts: wait for batch {r['wait_p50_s']:.2f} s, "
-            f"decode + prepare {r['prepare_p50_s']:.2f} s, infer + deliver {r['infer_deliver_p50_s']:.2f} s | {_la(r['load_average'])} |")
+            f"**p99 {r['p99_s']:.3f} s**, max {r['max_s']:.3f} s; "
+            f"median parts: wait for batch {r['wait_p50_s']:.2f} s, "
+            f"decode + prepare {r['prepare_p50_s']:.2f} s, infer + deliver {r['infer_deliver_p50_s']:.2f} s "
+            f"| {_la(r['load_average'])} |")
     b = e2e["burst"]
     add(f"| burst of {b['n']:,} published at once (in {b['publish_s']} s) | **absorbed in {b['absorbed_s']} s** "
         f"({b['spectra_per_s']:,.1f} spectra/s; p99 latency {b['p99_s']} s) | {_la(b['load_average'])} |")
@@ -240,7 +249,8 @@ def render() -> str:
     add("")
     add("Latency is the arrival on the output topic (broker `LogAppendTime`) minus the packet's `produced_at` (stamped "
         "when the bench producer hands the packet over). Its parts, from the annotation's timing fields: *wait* = "
-        "produced_at -> consumed_at (in Kafka, and for the micro-batch to fill or `batch.max_wait_s` (0.25 s by default) to pass), "
+        "produced_at -> consumed_at (in Kafka, and for the micro-batch to fill or `batch.max_wait_s` (0.25 s by "
+        "default) to pass), "
         "*decode + prepare + infer* = consumed_at -> classified_at (stamped after inference), "
         "*infer + deliver* = classified_at -> arrival (inference of the batch, annotation, database transaction, "
         "produce, flush). Duplicates seen on the output topic: "
@@ -294,7 +304,8 @@ def render() -> str:
     add(f"## Targets ({TARGETS_NOTE})")
     add("")
     best_model = max(r["spectra_per_s"] for r in model["throughput"] if r["preset"] == "default")
-    tp64 = next((r["spectra_per_s"] for r in model["throughput"] if r["preset"] == "default" and r["batch"] == 64), None)
+    tp64 = next((r["spectra_per_s"] for r in model["throughput"] if r["preset"] == "default" and r["batch"] == 64),
+                None)
     lat50 = next(r for r in e2e["latency"] if r["target_per_s"] == 50)
     rows = [
         ("throughput >= 20x the naive consumer", f"{naive['daemon_multiple']}x", naive["daemon_multiple"] >= 20),
@@ -350,9 +361,11 @@ def render() -> str:
         f"spectrum pays it either way. Even a daemon at its one-core main-thread ceiling ({main_thread:,.0f} µs) "
         f"would be {naive_us / main_thread:.1f}x the naive consumer; 20x needs {naive_us / 20:,.0f} µs per spectrum, "
         f"{'below' if naive_us / 20 < inf64 else 'above'} the cost of inference alone. The per-message overheads "
-        f"that batching removes are small next to it: 1-row transaction {st['db write (1 row / txn)']['us_per_spectrum']:,.0f} µs "
+        f"that batching removes are small next to it: "
+        f"1-row transaction {st['db write (1 row / txn)']['us_per_spectrum']:,.0f} µs "
         f"vs {st['db write (64 rows / txn)']['us_per_spectrum']:,.0f}, flush per message "
-        f"{st['produce + flush per 1']['us_per_spectrum']:,.0f} µs vs {st['produce + flush per 64']['us_per_spectrum']:,.0f}.")
+        f"{st['produce + flush per 1']['us_per_spectrum']:,.0f} µs "
+        f"vs {st['produce + flush per 64']['us_per_spectrum']:,.0f}.")
     add(f"5. **Decode + prepare** cost {pre:,.0f} µs per spectrum ({100 * pre / d_sum:.0f} %; packets are "
         f"{st['decode'].get('bytes_per_packet', 0) / 1024:.0f} KiB of Avro float arrays decoded into Python lists); "
         f"database write ({st['db write (64 rows / txn)']['us_per_spectrum']:,.0f} µs) and produce "

@@ -88,7 +88,8 @@ def _promises(doc: dict, args: argparse.Namespace) -> list[str]:
                 problems.append("a fixed replica count beside KEDA would fight the autoscaler")
     if kind == "ScaledObject":
         if args.partitions is None or doc["spec"]["maxReplicaCount"] > args.partitions:
-            problems.append(f"maxReplicaCount {doc['spec']['maxReplicaCount']} exceeds the {args.partitions} partitions")
+            problems.append(f"maxReplicaCount {doc['spec']['maxReplicaCount']} exceeds the "
+                            f"{args.partitions} partitions")
         for t in doc["spec"]["triggers"]:
             if t["type"] != "kafka" or t["metadata"].get("allowIdleConsumers") != "false":
                 problems.append("triggers must be kafka with allowIdleConsumers 'false'")

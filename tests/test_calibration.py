@@ -72,6 +72,7 @@ def test_calibration_round_trips_through_a_checkpoint_card(tmp_path) -> None:
     assert loaded.temperature == 1.3 and loaded.calibration.thresholds == {"Ia": 0.91}
     assert loaded.calibration.target_purity == {"Ia": 0.99}
     x = rng.normal(size=(5, n))
+    assert loaded.calibration.ood is not None
     np.testing.assert_allclose(loaded.calibration.ood.score(x), ood.score(x))
     assert saved.card()["calibration"]["ood"]["method"] == "logistic-on-input-flux"
 

@@ -1,4 +1,5 @@
-"""Tests of spectranet.streamer.science.checkpoint: round trip, hash and version refusals, missing files, choosing the newest model."""
+"""Tests of spectranet.streamer.science.checkpoint: round trip, hash and version refusals, missing files, choosing the
+newest model."""
 
 from __future__ import annotations
 

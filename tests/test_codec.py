@@ -15,13 +15,13 @@ import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spectranet.streamer.contract.codec import BundledSchemas, Codec, sniff_framing
+from spectranet.streamer.contract.codec import BundledSchemas, Codec, Framing, sniff_framing
 from spectranet.streamer.errors import DecodeError
 
 from tests.support.harness import evolved_schema
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
-FRAMINGS = ("schemaless", "confluent", "container")
+FRAMINGS: tuple[Framing, ...] = ("schemaless", "confluent", "container")
 
 
 def expected_packet() -> dict:
@@ -38,7 +38,7 @@ def test_golden_packets_decode_to_the_reader_schema(framing: str) -> None:
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_encode_decode_round_trip(framing: str) -> None:
+def test_encode_decode_round_trip(framing: Framing) -> None:
     codec = Codec("spectrum_packet")
     packet = expected_packet()
     assert codec.decode(codec.encode(packet, framing=framing)) == packet

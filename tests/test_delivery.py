@@ -75,8 +75,9 @@ def test_1000_packets_through_two_consumers_of_one_group(setup: Setup, tmp_path:
         print(f"\n1,000 packets through 2 consumers in {elapsed:.1f} s: {1000 / elapsed:.0f} packets/s")
         for d in daemons:
             assert d.stop() == 0, d.log()[-3000:]
-        shares = [int(re.search(r"processed \d+ packets in \d+ batches: (\d+) classified", d.log()).group(1))
-                  for d in daemons]
+        summaries = [re.search(r"processed \d+ packets in \d+ batches: (\d+) classified", d.log()) for d in daemons]
+        assert all(summaries), [d.log()[-3000:] for d in daemons]
+        shares = [int(m.group(1)) for m in summaries if m]
         assert sum(shares) == 1000 and min(shares) > 0, shares
     finally:
         for d in daemons:
@@ -224,6 +225,7 @@ def test_database_outage_loses_nothing_and_commits_nothing_until_it_ends(setup: 
     packets = good_packets(200)
     results, offsets = Results(setup.database_url), setup.offsets()
     target = make_url(setup.database_url)
+    assert target.host is not None and target.port is not None
     with TcpProxy(target.host, target.port) as proxy:
         daemon = build_daemon(setup.settings(_via(proxy, setup.database_url)), upgrade_database=False,
                               serve_metrics=False)
@@ -244,7 +246,7 @@ def test_database_outage_loses_nothing_and_commits_nothing_until_it_ends(setup: 
                        lambda: results.count(db.classifications) >= len(packets), timeout_s=120)
             wait_until("offsets committed to the end", offsets.at_end, timeout_s=30)
             worker.check()
-        assert worker.stats.dead_lettered == 0
+        assert worker.stats is not None and worker.stats.dead_lettered == 0
     results.assert_exactly_once(packets)
     assert results.count(db.dead_letters) == 0
     assert drain(setup.bootstrap, setup.dlq_topic, 0, timeout_s=1) == []
@@ -258,6 +260,7 @@ def test_partitions_assigned_during_an_outage_lose_nothing(setup: Setup) -> None
     packets = good_packets(200)
     results, offsets = Results(setup.database_url), setup.offsets()
     target = make_url(setup.database_url)
+    assert target.host is not None and target.port is not None
     with TcpProxy(target.host, target.port) as proxy, Assignments() as held:
         cut_off = DaemonThread(build_daemon(setup.settings(_via(proxy, setup.database_url)), upgrade_database=False,
                                             serve_metrics=False), name="cut-off")

@@ -26,15 +26,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Completed
     # Embedded defaults only: no configured broker, database, config file or raw Kafka client properties.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECTRANET_", "KAFKA_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "spectranet.streamer.cli", "demo", "--output", str(out)], cwd=out.parent,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "spectranet.streamer.cli", "demo", "--output", str(out)],
+                          cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     return proc, out
 
 
 @pytest.fixture(scope="module")
-def samples() -> dict[str, tuple[str, str | None]]:
+def samples() -> dict[str, tuple[str | None, str | None]]:
     """spectrum_id -> (object_id, reported type) of every bundled sample, computed independently of the demo."""
-    found = {}
+    found: dict[str, tuple[str | None, str | None]] = {}
     for path in sample_paths():
         sf = read_spectrum(path)
         found[packet_from_file(sf)["spectrum_id"]] = (sf.object_id, sf.label)

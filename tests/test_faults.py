@@ -224,8 +224,11 @@ def test_sigkill_a_consumer_repeatedly_while_another_keeps_going(setup: Setup, r
             for i in range(4):
                 victim = DaemonProcess(setup.env(), tmp_path / f"victim{i}.log")
                 victims.append(victim)
-                wait_until("the victim to be assigned", lambda v=victim: v.assigned() or not v.alive(),
-                           timeout_s=90, every_s=0.1)
+
+                def victim_assigned(v: DaemonProcess = victim) -> bool:
+                    return v.assigned() or not v.alive()
+
+                wait_until("the victim to be assigned", victim_assigned, timeout_s=90, every_s=0.1)
                 time.sleep(rng.uniform(0.2, 3.0))  # somewhere in poll / classify / write / publish / commit
                 if not victim.alive():
                     tally.crashes += 1  # died on its own before the kill
@@ -338,7 +341,7 @@ def test_postgres_stopped_for_30_s_and_restarted(kafka, topic_prefix: str, repor
         tally.faults["infrastructure_retries"] = worker.retries()
         tally.seconds = round(time.monotonic() - started, 1)
         report.add(count(tally, setup, results, packets))
-        assert tally.dead_letters == 0 and worker.stats.dead_lettered == 0
+        assert tally.dead_letters == 0 and worker.stats is not None and worker.stats.dead_lettered == 0
         assert_goal(tally)
     finally:
         if setup is not None:
@@ -379,7 +382,8 @@ def test_database_connection_killed_mid_transaction_repeatedly(postgres, setup: 
                     locker.execute("LOCK TABLE classifications IN EXCLUSIVE MODE")  # readers still read
                     wait_until("a daemon transaction waiting on the lock", blocked, timeout_s=60, every_s=0.05)
                     for pid, state in waiting:
-                        if monitor.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]:
+                        terminated = monitor.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+                        if terminated is not None and terminated[0]:
                             kills.append(state)
             producer.join()
             tally.packets_sent = len(packets)
@@ -428,9 +432,12 @@ def test_repeated_rebalances_under_load(setup: Setup, report: Report, tmp_path: 
                     joined = time.monotonic()
                     # A cooperative rebalance takes two rounds, each waiting for heartbeats (3 s apart): the member
                     # stays until it has taken partitions from the main daemon (at most 12 s), then 1-2 s more.
+
+                    def member_holds(m: DaemonThread = member) -> bool:
+                        return held.count(m.thread) > 0
+
                     with contextlib.suppress(AssertionError):
-                        wait_until("the member to take partitions", lambda m=member: held.count(m.thread) > 0,
-                                   timeout_s=12, every_s=0.1)
+                        wait_until("the member to take partitions", member_holds, timeout_s=12, every_s=0.1)
                     tally.faults.setdefault("member_partitions", []).append(held.count(member.thread))
                     time.sleep(rng.uniform(1.0, 2.0))
                 tally.faults.setdefault("member_lifetimes_s", []).append(round(time.monotonic() - joined, 1))

@@ -227,7 +227,9 @@ def password_role(postgres: PostgresService, database_url: str) -> Iterator[str]
     admin = make_url(postgres.dsn).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'right-{SECRET}'")
-        hba = Path(conn.execute("SHOW hba_file").fetchone()[0])
+        hba_file = conn.execute("SHOW hba_file").fetchone()
+        assert hba_file is not None
+        hba = Path(hba_file[0])
     wrong = make_url(database_url).set(drivername="postgresql", username=role, password=SECRET)
     original = None
     if _connects(wrong.render_as_string(hide_password=False)):

@@ -58,7 +58,7 @@ def _through_the_daemon(settings: Settings, properties: dict[str, str]) -> tuple
     engine.dispose()
     assert len(rows) == N and set(rows) == spectrum_ids(SPECTRUM_FILES[:N])
 
-    out = drain(k.bootstrap_servers, k.output_topic, N, **properties)
+    out = drain(k.bootstrap_servers, k.output_topic, N, timeout_s=60.0, **properties)  # timeout_s: not a property
     ids = [Codec("annotated_spectrum").decode(m.value())["spectrum_id"] for m in out]
     assert len(ids) == N and set(ids) == set(rows)
     return daemon, ids
@@ -93,7 +93,9 @@ def test_daemon_over_ssl(secure_kafka: SecureKafkaService, topic_prefix: str, tm
 def _metadata_errors(bootstrap: str, properties: dict[str, str]) -> tuple[KafkaError, list[KafkaError]]:
     """Ask for metadata, which must fail: returns the request's error and those reported on the way."""
     reported: list[KafkaError] = []
-    admin = AdminClient({"bootstrap.servers": bootstrap, **properties, "error_cb": reported.append})
+    # confluent-kafka annotates AdminClient's conf as scalars only; its C client takes error_cb as the others do.
+    admin = AdminClient({"bootstrap.servers": bootstrap, **properties,
+                         "error_cb": reported.append})  # type: ignore[dict-item]
     started = time.monotonic()
     with pytest.raises(KafkaException) as refused:
         admin.list_topics(timeout=5)

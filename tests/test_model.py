@@ -1,5 +1,5 @@
-"""Tests of spectranet.streamer.science.model: both presets build and train, the config validates and round-trips, CPU determinism,
-and parameter and FLOP counts checked against counts worked out from the architecture by hand."""
+"""Tests of spectranet.streamer.science.model: both presets build and train, the config validates and round-trips, CPU
+determinism, and parameter and FLOP counts checked against counts worked out from the architecture by hand."""
 
 from __future__ import annotations
 

@@ -10,10 +10,12 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.packets import prepare_packet
 from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.classifier import SpectrumClassifier
 from spectranet.streamer.runtime.logs import JsonFormatter
@@ -68,12 +70,12 @@ def test_health_endpoints_follow_the_daemon_lifecycle(engine, tmp_path: Path) ->
     finally:
         gate.set()
         t.join(30)
-    text = metrics.registry.get_sample_value
-    assert text("spectranet_spectra_total", {"outcome": "classified"}) == len(good)
-    assert text("spectranet_spectra_total", {"outcome": "dead_lettered"}) == len(bad)
-    assert text("spectranet_dead_letters_total", {"reason": "DecodeError"}) == 1
-    assert text("spectranet_stage_seconds_count", {"stage": "write"}) >= 1
-    assert text("spectranet_end_to_end_seconds_count") == len(good)
+    sample = metrics.registry.get_sample_value
+    assert sample("spectranet_spectra_total", {"outcome": "classified"}) == len(good)
+    assert sample("spectranet_spectra_total", {"outcome": "dead_lettered"}) == len(bad)
+    assert sample("spectranet_dead_letters_total", {"reason": "DecodeError"}) == 1
+    assert (sample("spectranet_stage_seconds_count", {"stage": "write"}) or 0) >= 1
+    assert sample("spectranet_end_to_end_seconds_count") == len(good)
 
 
 def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, monkeypatch) -> None:
@@ -84,7 +86,7 @@ def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, mo
     poisoned = good[3]["spectrum_id"]
     classifier_engine = InferenceEngine(load_checkpoint(), device="cpu", warmup=False)
     real_predict = classifier_engine.predict
-    sentinel = {}
+    sentinel: dict[str, Any] = {}
 
     def predict(batch):
         if any(p is sentinel.get("bad") for p in batch):
@@ -93,7 +95,7 @@ def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, mo
 
     import spectranet.streamer.runtime.classifier as classifier_module
 
-    real_prepare = classifier_module.prepare_packet
+    real_prepare = prepare_packet  # what classifier_module.prepare_packet is until patched below
 
     def prepare(packet, *args):
         prepared = real_prepare(packet, *args)
@@ -173,7 +175,7 @@ def test_reprocess_with_another_model_keeps_earlier_rows(engine, tmp_path: Path)
         versions = conn.execute(sa.text(
             "SELECT model_version, count(*) FROM classifications GROUP BY model_version ORDER BY 1")).all()
         changed = conn.execute(sa.text("SELECT count(*) FROM class_changes_between_models")).scalar_one()
-        top = dict(conn.execute(sa.text(
+        top: dict[str, str] = dict(conn.execute(sa.text(
             "SELECT spectrum_id || model_version, top_class FROM classifications")).all())
     shipped = engine.checkpoint.version
     assert [tuple(v) for v in versions] == [(shipped, len(good)), (other.version, len(good))]

@@ -43,7 +43,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.codec import Codec, Framing
 from spectranet.streamer.contract.packets import (
     IDENTIFIERS,
     NUMERIC_RANGES,
@@ -81,7 +81,8 @@ def test_database_columns_are_as_long_as_the_contract_allows() -> None:
               "classifications": ["spectrum_id", "object_id"], "dead_letters": ["spectrum_id"]}
     for table, columns in stored.items():
         for name in columns:
-            assert db.metadata.tables[table].c[name].type.length == STRING_LIMITS[name], (table, name)
+            column_type = db.metadata.tables[table].c[name].type
+            assert isinstance(column_type, sa.String) and column_type.length == STRING_LIMITS[name], (table, name)
     assert set(IDENTIFIERS) <= set(STRING_LIMITS)
 
 
@@ -256,7 +257,7 @@ def test_a_retry_of_the_dead_letter_step_alone_republishes_no_annotation(engine,
     daemon = fake_daemon(FakeConsumer(msgs), producer, database, engine, pipelined=pipelined)
     stats = daemon.run(max_messages=len(msgs))
     assert (stats.classified, stats.dead_lettered) == (len(good), len(bad))
-    assert daemon.metrics.registry.get_sample_value("spectranet_infrastructure_retries_total") >= 3
+    assert (daemon.metrics.registry.get_sample_value("spectranet_infrastructure_retries_total") or 0) >= 3
     assert producer.produced.count(OUT) == len(good) == len(producer.on(OUT))  # each annotation produced once
     assert len(producer.on(DLQ)) == len(bad)
 
@@ -321,7 +322,7 @@ def test_health_reports_a_stall_only_while_packets_wait() -> None:
             status, body = _get(health.port, path)
             assert status == 503 and "stalled" in body and "3 consumed packets" in body
         assert metrics.registry.get_sample_value("spectranet_stalled") == 1
-        assert metrics.registry.get_sample_value("spectranet_last_commit_age_seconds") >= 0.3
+        assert (metrics.registry.get_sample_value("spectranet_last_commit_age_seconds") or 0) >= 0.3
         metrics.progress.committed()
         metrics.progress.holding(0)
         assert _get(health.port, "/healthz")[0] == 200
@@ -638,7 +639,7 @@ def test_scenario_5_health_turns_503_while_the_stream_is_stalled(setup) -> None:
         status, body = _get(port, "/healthz")
         assert status == 503 and "stalled" in body and "classifications" in body, body
         assert _get(port, "/readyz")[0] == 503
-        assert gauge("spectranet_stalled") == 1 and gauge("spectranet_last_commit_age_seconds") >= 3
+        assert gauge("spectranet_stalled") == 1 and (gauge("spectranet_last_commit_age_seconds") or 0) >= 3
         assert results.count(db.dead_letters) == 0  # the infrastructure's fault: nothing dead-lettered
         with admin.begin() as conn:
             conn.execute(sa.text("ALTER TABLE classifications_away RENAME TO classifications"))
@@ -737,7 +738,7 @@ _MUTATIONS = _mutations(BASE)
 class Hostile:
     packet: dict[str, Any]
     fields: tuple[str, ...]
-    framing: str
+    framing: Framing
 
 
 @st.composite
@@ -748,7 +749,8 @@ def hostile_packets(draw: st.DrawFn) -> Hostile:
     packet = dict(BASE)
     for name in fields:
         packet[name] = draw(mutations[name])
-    return Hostile(packet, tuple(fields), draw(st.sampled_from(["schemaless", "confluent", "container"])))
+    framings: list[Framing] = ["schemaless", "confluent", "container"]
+    return Hostile(packet, tuple(fields), draw(st.sampled_from(framings)))
 
 
 def generate_hostile(n: int, seed: int) -> list[Hostile]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -282,6 +283,7 @@ def test_clean_sorts_drops_and_averages_duplicates():
     out = clean(w, f, e, mask, min_valid_pixels=2)
     np.testing.assert_array_equal(out.wavelength, [5001.0, 5002.0, 5003.0])
     np.testing.assert_allclose(out.flux, [1.0, 3.0, 3.0])  # duplicates at 5002 averaged
+    assert out.flux_err is not None
     np.testing.assert_allclose(out.flux_err, [0.1, 0.25, 0.3])  # sqrt(0.3^2 + 0.4^2) / 2
     assert out.n_dropped == 4  # nan wavelength, inf flux, negative error, masked
 
@@ -295,7 +297,7 @@ def test_clean_without_errors_or_mask_keeps_sorted_input():
 
 @pytest.mark.parametrize("name", ["flux", "flux_err", "mask"])
 def test_clean_length_mismatch_names_the_field(name):
-    arrays = {"flux": np.ones(30), "flux_err": np.ones(30), "mask": np.zeros(30, dtype=bool)}
+    arrays: dict[str, Any] = {"flux": np.ones(30), "flux_err": np.ones(30), "mask": np.zeros(30, dtype=bool)}
     arrays[name] = arrays[name][:-1]
     with pytest.raises(LengthMismatchError) as info:
         clean(np.linspace(4000.0, 5000.0, 30), **arrays)
@@ -304,14 +306,14 @@ def test_clean_length_mismatch_names_the_field(name):
 
 def test_clean_errors():
     w = np.linspace(4000.0, 5000.0, 30)
-    with pytest.raises(NonPositiveWavelengthError) as info:
+    with pytest.raises(NonPositiveWavelengthError) as negative:
         clean(np.concatenate(([-1.0], w[1:])), np.ones(30))
-    assert info.value.field == "wavelength"
+    assert negative.value.field == "wavelength"
     f = np.ones(30)
     f[:15] = np.nan
-    with pytest.raises(TooFewPixelsError) as info:
+    with pytest.raises(TooFewPixelsError) as too_few:
         clean(w, f, min_valid_pixels=20)
-    assert info.value.field == "flux"
+    assert too_few.value.field == "flux"
     with pytest.raises(TooFewPixelsError):
         clean(w, np.ones(30), mask=np.arange(30) < 11, min_valid_pixels=20)
     with pytest.raises(PreprocessError) as info:
@@ -362,6 +364,7 @@ def test_rebin_matches_brute_force_including_errors_and_partial_bins(case, stret
     edges = centre + (inner - centre) * stretch  # stretched grids also poke out of the input range
     err = 0.01 * flux + 0.1
     out, out_err, coverage = rebin(wave, flux, edges, err)
+    assert out_err is not None
     ref_flux, ref_err, frac = _reference_rebin(wave, flux, edges, err)
     np.testing.assert_array_equal(coverage, frac >= 0.99 - 1e-9)
     np.testing.assert_allclose(out[coverage], ref_flux[coverage], rtol=1e-6)
@@ -379,7 +382,7 @@ def test_rebin_stays_accurate_for_narrow_bins_among_large_fluxes():
     err = 0.01 * flux + 0.1
     out, out_err, cov = rebin(wave, flux, edges, err)
     ref, ref_err, _ = _reference_rebin(wave, flux, edges, err)
-    assert cov.all()
+    assert cov.all() and out_err is not None
     np.testing.assert_allclose(out, ref, rtol=1e-6)
     np.testing.assert_allclose(out_err, ref_err, rtol=1e-6)
 
@@ -389,11 +392,13 @@ def test_rebin_onto_own_pixels_is_identity_and_errors_average_down():
     flux = np.random.default_rng(1).normal(10.0, 1.0, 100)
     edges = np.concatenate(([wave[0] - 0.5], wave + 0.5))
     out, err, cov = rebin(wave, flux, edges, np.full(100, 2.0))
+    assert err is not None
     np.testing.assert_allclose(out, flux, rtol=1e-10)
     np.testing.assert_allclose(err, 2.0, rtol=1e-10)
     assert cov.all()
     coarse = np.linspace(edges[0], edges[-1], 11)  # 10 pixels per bin
     out, err, cov = rebin(wave, flux, coarse, np.full(100, 2.0))
+    assert err is not None
     np.testing.assert_allclose(out, flux.reshape(10, 10).mean(axis=1), rtol=1e-10)
     np.testing.assert_allclose(err, 2.0 / math.sqrt(10), rtol=1e-10)
 
@@ -637,7 +642,7 @@ def test_prepare_flags_mask_and_errors():
     ({"flux": np.zeros(500)}, PreprocessError, "flux"),
 ])
 def test_prepare_errors_name_the_field(kwargs, error, field):
-    args = {"wavelength": np.linspace(4000.0, 9000.0, 500)}
+    args: dict[str, Any] = {"wavelength": np.linspace(4000.0, 9000.0, 500)}
     args.update(kwargs)
     wavelength = args.pop("wavelength")
     flux = args.pop("flux", np.ones(wavelength.size))

@@ -197,7 +197,7 @@ def test_pysedm_only_snid_cards_still_detected(tmp_path: Path) -> None:
     path.write_text("# SNIDTYPE: Ia\n# SNIDZ: 0.05\n4000 1.0 0.01\n4001 2.0 0.04\n")
     spectrum = read_spectrum(path)
     assert spectrum.format == "pysedm-ascii"
-    assert (spectrum.label, spectrum.redshift) == (None, None)
+    assert (spectrum.label, spectrum.redshift) == (None, None) and spectrum.flux_err is not None
     np.testing.assert_allclose(spectrum.flux_err, [0.1, 0.2])
 
 
@@ -303,6 +303,7 @@ def test_fits_table_single_row_of_arrays(tmp_path: Path) -> None:
     spectrum = read_spectrum(path)
     assert spectrum.wavelength_unit == "nm"
     np.testing.assert_allclose(spectrum.wavelength, expected[:, 0] / 10)
+    assert spectrum.flux_err is not None
     np.testing.assert_allclose(spectrum.flux_err, expected[:, 2], rtol=1e-12)
 
 

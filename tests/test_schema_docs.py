@@ -20,7 +20,8 @@ def _records(t: object) -> list[dict]:
     if isinstance(t, dict):
         found = [t] if t.get("type") == "record" else []
         for key in ("fields", "items", "values", "type"):
-            found += _records(t.get(key)) if key != "fields" else [r for f in t.get("fields", []) for r in _records(f["type"])]
+            found += (_records(t.get(key)) if key != "fields"
+                      else [r for f in t.get("fields", []) for r in _records(f["type"])])
         return found
     return []
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import sqlalchemy as sa
 from spectranet.streamer.app import build_daemon
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def daemon_role(database_url: str) -> str:
+def daemon_role(database_url: str) -> Iterator[str]:
     """A login role with exactly the daemon's GRANTs on a migrated database; returns its URL."""
     role = unique_name("daemon").replace("-", "_")
     owner = sa.create_engine(database_url)

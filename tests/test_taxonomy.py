@@ -1,4 +1,5 @@
-"""Tests of spectranet.streamer.science.taxonomy: the issue's mapping examples, ambiguity rules, and every label in the shared data."""
+"""Tests of spectranet.streamer.science.taxonomy: the issue's mapping examples, ambiguity rules, and every label in the
+shared data."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def _ln_err(z: np.ndarray | float, z_true: float) -> np.ndarray:
 
 def test_a_template_shifted_by_a_known_z_is_recovered_within_one_bin_and_better_with_interpolation(bank):
     zs = [0.0123, 0.0471, 0.0832, 0.1359, 0.2017, 0.2764, 0.3391, 0.4106]
-    errors = {True: [], False: []}
+    errors: dict[bool, list[float]] = {True: [], False: []}
     for i, z in enumerate(zs):
         x, cov = _observed(seed=i % N_SYNTH, z=z, rng_seed=i)
         prior = math.expm1(math.log1p(z) + (0.02 if i % 2 else -0.02))  # the network is 0.02 off in ln(1 + z)

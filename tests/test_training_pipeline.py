@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -180,8 +181,9 @@ def test_two_networks_train_export_and_run_in_the_engine(tiny_data: Path, tmp_pa
 
 def test_init_from_starts_from_a_checkpoints_weights(tiny_data: Path, tmp_path: Path):
     """With lr 0 nothing moves, so a run started from A exports A's weights, and a run started afresh does not."""
-    base = dict(manifest=str(tiny_data / "manifest.csv"), two_networks=True, batch_size=4, warmup_steps=1,
-                max_steps=1, eval_every=1, val_fraction=0.5, num_workers=0, resume=False, threads=1)
+    base: dict[str, Any] = dict(manifest=str(tiny_data / "manifest.csv"), two_networks=True, batch_size=4,
+                                warmup_steps=1, max_steps=1, eval_every=1, val_fraction=0.5, num_workers=0,
+                                resume=False, threads=1)
     a = train(TrainConfig(**base, out_dir=str(tmp_path / "a"), version="0.0.1-a", seed=3))
     src = str(tmp_path / "a" / "spectranet-sedm-0.0.1-a")
     b = train(TrainConfig(**base, out_dir=str(tmp_path / "b"), version="0.0.1-b", lr=0.0, init_from=src,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from itertools import islice
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,7 +190,8 @@ def test_pooling_and_norm_override_the_preset():
     assert model_config(TrainConfig()) == PRESETS["default"]
     cfg = model_config(TrainConfig(pooling="multiscale", norm="batch"))
     assert (cfg.pooling, cfg.norm, cfg.widths) == ("multiscale", "batch", PRESETS["default"].widths)
-    for bad in ({"pooling": "avg"}, {"norm": "group"}):
+    bad_choices: list[dict[str, Any]] = [{"pooling": "avg"}, {"norm": "group"}]
+    for bad in bad_choices:
         with pytest.raises(ConfigError):
             TrainConfig(**bad)
 
@@ -205,7 +207,8 @@ def test_classifier_z_jitters_in_ln_one_plus_z_and_hands_a_share_to_the_network(
     assert abs(d.std().item() - 0.02) < 0.002 and abs(d.mean().item()) < 0.002
     assert (out[~own] >= 0).all()
     assert torch.isnan(classifier_z(z, TrainConfig(pred_z_fraction=1.0))).all()
-    for bad in ({"pred_z_fraction": 1.5}, {"z_noise": -0.1}):
+    bad_choices: list[dict[str, Any]] = [{"pred_z_fraction": 1.5}, {"z_noise": -0.1}]
+    for bad in bad_choices:
         with pytest.raises(ConfigError):
             TrainConfig(**bad)
 
@@ -381,7 +384,8 @@ def test_first_usable_draws_again_until_the_user_accepts():
         first_usable(spec, [], np.random.default_rng(0), never, tries=2)
 
 
-def _spec(obj: str, label: str = "Ia", source: str = "osc") -> Spectrum:
+def _named_spec(obj: str, label: str = "Ia", source: str = "osc") -> Spectrum:
+    """A spectrum of the object named ``obj`` as a catalogue spells it (canonical_object applied)."""
     return Spectrum(wave=np.linspace(3000, 9000, 10), flux=np.ones(10), label=label, object_id=canonical_object(obj),
                     source=source, redshift=0.01, phase=None, path=obj)
 
@@ -391,8 +395,8 @@ def test_v2_names_keep_a_snid_template_and_its_object_on_one_side_and_v1_can_spl
 
     assert object_key("sn02cs_bsnip") == object_key("SN 2002cs") == object_key("sn2002cs") == "2002cs"
     assert object_key("sn94D") == "1994d" and object_key("PTF10qts") == "ptf10qts"
-    spectra = [_spec(f"SN 20{i:02d}ab") for i in range(40)] + [_spec(f"sn{i:02d}ab", source="snid-lnw")
-                                                               for i in range(40)]
+    spectra = ([_named_spec(f"SN 20{i:02d}ab") for i in range(40)]
+               + [_named_spec(f"sn{i:02d}ab", source="snid-lnw") for i in range(40)])
     v2 = split_by_object(spectra, val_fraction=0.3, seed=1, names="v2")
     assert {object_key(s.object_id) for s in v2.train}.isdisjoint({object_key(s.object_id) for s in v2.val})
     v1 = split_by_object(spectra, val_fraction=0.3, seed=1, names="v1")
@@ -403,7 +407,7 @@ def test_v2_names_keep_a_snid_template_and_its_object_on_one_side_and_v1_can_spl
 
 
 def test_real_sedm_objects_are_always_validation_objects() -> None:
-    spectra = [_spec(f"SN 2016{c}") for c in "abcdefghij"] + [_spec("SN 2016k", source="sedm")]
+    spectra = [_named_spec(f"SN 2016{c}") for c in "abcdefghij"] + [_named_spec("SN 2016k", source="sedm")]
     for seed in range(5):
         assert "2016k" in split_by_object(spectra, val_fraction=0.1, seed=seed).val_objects
 

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,8 +54,8 @@ class Variant:
     """One design: pooling, input normalisation, and one network or the paper's two."""
 
     name: str
-    pooling: str = "max"
-    norm: str = "layer"
+    pooling: Literal["max", "multiscale"] = "max"
+    norm: Literal["layer", "batch"] = "layer"
     lr_scale: float = 1.0       # times the config's learning rate
     input: str = "observed-continuum"
     two_networks: bool = False  # True: a redshift network on ``input`` plus a classifier on rest-frame input
@@ -195,7 +195,7 @@ def run_ablation(cfg: TrainConfig, variants: tuple[Variant, ...] = VARIANTS) -> 
             break
 
     # rank by the best validation macro-F1 each variant reached (what early stopping would export)
-    results = []
+    results: list[dict[str, Any]] = []
     for v in variants:
         best = max(history[v.name], key=lambda h: h["val_macro_f1"])
         results.append({"variant": asdict(v), "best": best, "last": history[v.name][-1],

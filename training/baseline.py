@@ -57,7 +57,9 @@ def build_bank(templates: Sequence[Spectrum], preprocess: PreprocessConfig, *, z
             p = prepare(w, f, medium="vacuum", config=cfg)  # same medium both ways: no shift
         except PreprocessError:
             continue
-        fluxes.append(p.flux), masks.append(p.coverage.astype(np.float32)), labels.append(CLASSES.index(s.label))
+        fluxes.append(p.flux)
+        masks.append(p.coverage.astype(np.float32))
+        labels.append(CLASSES.index(s.label))
     return TemplateBank(np.stack(fluxes).astype(np.float32), np.stack(masks), np.array(labels), n_shift, dln)
 
 

@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from spectranet.streamer.contract.readers import read_spectrum
@@ -192,8 +193,8 @@ def _grid_overlap(wave_obs: np.ndarray) -> float:
 def _entry_spectra(entry: ManifestEntry) -> list[Spectrum]:
     """The rest-frame epochs of one manifest row (several for .lnw files); [] when unusable."""
     z = entry.redshift or 0.0
-    common = dict(label=entry.label, object_id=canonical_object(entry.object_id), source=entry.source,
-                  path=str(entry.path), instrument=entry.instrument)
+    common: dict[str, Any] = dict(label=entry.label, object_id=canonical_object(entry.object_id),
+                                  source=entry.source, path=str(entry.path), instrument=entry.instrument)
     if entry.path.suffix == ".lnw":
         wave, fluxes, phases, _ = read_lnw(entry.path)
         out = []
@@ -341,7 +342,7 @@ def save_pack(path: str | Path, *, train: Sequence[Spectrum], val: Sequence[Spec
     3 significant digits of a median-1 flux, finer than the noise the simulator adds at S/N 100. Pixels beyond
     +-65,000 times the median (junk spikes in a handful of OSC files, up to 1e22) are clipped there.
     """
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}  # name -> ndarray (typed Any: savez_compressed's ** also reads allow_pickle)
     for part, spectra in (("train", train), ("val", val)):
         arrays[f"{part}_wave"] = np.concatenate([s.wave for s in spectra]).astype(np.float32)
         flux = np.concatenate([s.flux for s in spectra])

@@ -22,6 +22,7 @@ import torch
 import yaml
 from spectranet.streamer.errors import ConfigError, PreprocessError
 from spectranet.streamer.science.model import PRESETS, SpectraNet
+from spectranet.streamer.science.preprocess import Normalisation
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import metrics as M
 from spectranet.training.data import Spectrum
@@ -54,7 +55,7 @@ class TrainConfig:
     z_noise: float = 0.0
     pred_z_fraction: float = 0.0
     init_from: str = ""                # a checkpoint whose weights start the run (fine-tuning); ignored on resume
-    normalisation: str = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
+    normalisation: Normalisation = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0
     split_seed: int = 0
     object_names: str = "v2"           # how spectra are grouped into objects for the split (training.data.object_key)

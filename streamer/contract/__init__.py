@@ -1,1 +1,3 @@
-"""The input and output contract: Avro codec, packet rules, spectrum-file readers, the annotated record. Imports only science."""
+"""The input and output contract: Avro codec, packet rules, spectrum-file readers, the annotated record.
+
+Imports only science."""

@@ -515,7 +515,8 @@ def _error_from(kind: str, values: np.ndarray) -> np.ndarray:
             return np.where(values > 0, 1.0 / np.sqrt(np.where(values > 0, values, 1.0)), np.inf)
     if kind == "var":
         with np.errstate(invalid="ignore"):
-            return np.sqrt(values)
+            sigma: np.ndarray = np.sqrt(values)
+            return sigma
     return values
 
 

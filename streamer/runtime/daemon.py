@@ -378,13 +378,13 @@ class Daemon:
                     except KafkaException as exc:  # refused before it was queued (e.g. MSG_SIZE_TOO_LARGE)
                         failures[i] = exc.args[0]
             remaining = self.producer.flush(self.delivery_timeout_s)
-            refused = [i for i, failure in failures.items()
+            refused = {i: sent.dead for i, failure in failures.items()
                        if (sent := delivery.outgoing[i]).dead is not None and not sent.stripped
-                       and whose_fault(KafkaException(failure), stage="publish") is not None]
+                       and whose_fault(KafkaException(failure), stage="publish") is not None}
             if remaining or not refused:
                 break
-            for i in refused:
-                delivery.outgoing[i] = self._dead_letter_message(delivery.outgoing[i].dead, strip=True)
+            for i, dead in refused.items():
+                delivery.outgoing[i] = self._dead_letter_message(dead, strip=True)
         if remaining or failures:
             shown = [err.str() if isinstance(err, KafkaError) else str(err) for err in failures.values()][:3]
             raise InfrastructureError(f"{remaining} messages undelivered, {len(failures)} failed: {shown}")

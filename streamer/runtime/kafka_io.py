@@ -211,7 +211,9 @@ def make_producer(kafka: KafkaSettings | Mapping[str, str], *, overrides: Mappin
 
 def make_admin(kafka: KafkaSettings | Mapping[str, str], *, watch: KafkaWatch | None = None) -> AdminClient:
     client, _ = _client(kafka)
-    return AdminClient({**client, **_watch_for(client, watch).client_config()})
+    # confluent-kafka annotates AdminClient's conf as scalars only, yet its C client takes the callbacks (error_cb,
+    # logger) as Producer and Consumer do.
+    return AdminClient({**client, **_watch_for(client, watch).client_config()})  # type: ignore[dict-item]
 
 
 def ensure_topics(k: KafkaSettings, topics: Iterable[str], *, partitions: int = 1, timeout_s: float = 30.0) -> None:

@@ -1,1 +1,3 @@
-"""The science core: preprocessing, the network, checkpoints, batched inference, the taxonomy. Pure: no Kafka, no SQL."""
+"""The science core: preprocessing, the network, checkpoints, batched inference, the taxonomy.
+
+Pure: no Kafka, no SQL."""

@@ -46,7 +46,8 @@ class OutOfDistribution:
     def score(self, flux: np.ndarray) -> np.ndarray:
         """[B] probability-like score in (0, 1) of normalised input flux [B, n_bins] being a non-transient."""
         u = (np.asarray(flux, dtype=np.float64) - self.mean) / self.scale
-        return 1.0 / (1.0 + np.exp(-(u @ self.weights + self.bias)))
+        scores: np.ndarray = 1.0 / (1.0 + np.exp(-(u @ self.weights + self.bias)))
+        return scores
 
     def flag(self, flux: np.ndarray) -> np.ndarray:
         return self.score(flux) > self.threshold

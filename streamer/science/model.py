@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +71,11 @@ class ModelConfig:
         """The largest redshift whose rest-frame view still starts inside the rest grid."""
         return math.expm1((self.rest_bins - self.n_bins) * self.log_step)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         d["widths"] = tuple(d["widths"])
         d["kernels"] = tuple(tuple(k) for k in d["kernels"])
@@ -107,7 +107,8 @@ class ChannelLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        normed: torch.Tensor = self.norm(x.transpose(1, 2))  # [B, L, C]
+        return normed.transpose(1, 2)
 
 
 class MultiScaleBlock(nn.Module):
@@ -122,7 +123,8 @@ class MultiScaleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([b(x) for b in self.branches], dim=1)  # [B, 3W, L]
-        return self.mix(F.gelu(self.norm(x)))                 # [B, W, L]
+        mixed: torch.Tensor = self.mix(F.gelu(self.norm(x)))  # [B, W, L]
+        return mixed
 
 
 class MultiScalePool(nn.Module):
@@ -185,21 +187,31 @@ class SpectraNet(nn.Module):
             if i < len(self.stages) - 1:
                 x = self.pool(x)                                   # [B, W(*3), L/2]
         x = torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)       # [B, 2W]
-        return self.trunk(x)                                       # [B, hidden]
+        h: torch.Tensor = self.trunk(x)                            # [B, hidden]
+        return h
+
+    def _classify(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n_classes] from features [B, hidden]; with two networks only the rest-frame one classifies."""
+        if self.classifier is None:
+            raise TypeError("this network predicts z only (two_networks): its rest_net classifies")
+        logits: torch.Tensor = self.classifier(h)
+        return logits
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
         """``z`` [B]: the redshift each rest-frame view uses (two networks only); None or NaN rows use the network's
         own prediction, which is how training shows the classifier the redshift errors it will meet at inference."""
         h = self.features(x)
-        zz = self.redshift(h)                                      # [B, 2]
+        if self.redshift is None:
+            raise TypeError("a network built without the redshift head is read through features() and _classify()")
+        zz: torch.Tensor = self.redshift(h)                        # [B, 2]
         z_mean, z_logvar = zz[:, 0], zz[:, 1].clamp(-20.0, 10.0)
         if self.rest_net is None:
-            return ModelOutput(logits=self.classifier(h), z_mean=z_mean, z_logvar=z_logvar, features=h)
+            return ModelOutput(logits=self._classify(h), z_mean=z_mean, z_logvar=z_logvar, features=h)
         own = z_mean.detach()
         shift = (own if z is None else torch.where(torch.isnan(z), own, z)).clamp(0.0, self.config.max_shift_z)
         rest = rest_frame_view(x, shift, log_step=self.config.log_step, rest_bins=self.config.rest_bins)
         h_rest = self.rest_net.features(rest)                      # [B, hidden]
-        return ModelOutput(logits=self.rest_net.classifier(h_rest), z_mean=z_mean, z_logvar=z_logvar,
+        return ModelOutput(logits=self.rest_net._classify(h_rest), z_mean=z_mean, z_logvar=z_logvar,
                            features=h_rest)
 
 

@@ -137,7 +137,7 @@ def _grid_edges(wave_min: float, wave_max: float, n_bins: int) -> FloatArray:
 @functools.lru_cache(maxsize=32)
 def _grid_centers(wave_min: float, wave_max: float, n_bins: int) -> FloatArray:
     edges = _grid_edges(wave_min, wave_max, n_bins)
-    centers = np.sqrt(edges[:-1] * edges[1:])
+    centers: FloatArray = np.sqrt(edges[:-1] * edges[1:])
     centers.setflags(write=False)
     return centers
 
@@ -257,7 +257,7 @@ def rest_frame(wavelength: FloatArray, redshift: float) -> FloatArray:
 
 
 def _as_1d(name: str, values: Any, dtype: type = np.float64) -> np.ndarray:
-    arr = np.asarray(values, dtype=dtype)
+    arr: np.ndarray = np.asarray(values, dtype=dtype)
     if arr.ndim != 1:
         raise PreprocessError(f"{name} must be one-dimensional, got shape {arr.shape}", field=name)
     return arr
@@ -459,7 +459,8 @@ def _chunk_medians(values: FloatArray, n_chunks: int) -> FloatArray:
     table[cols[None, :] >= lengths[:, None]] = np.inf  # padding sorts last
     table.sort(axis=1)
     rows = np.arange(n_chunks)
-    return (table[rows, (lengths - 1) // 2] + table[rows, lengths // 2]) / 2
+    medians: FloatArray = (table[rows, (lengths - 1) // 2] + table[rows, lengths // 2]) / 2
+    return medians
 
 
 def _natural_cubic_spline(x: FloatArray, y: FloatArray, x_eval: FloatArray) -> FloatArray:
@@ -483,7 +484,8 @@ def _natural_cubic_spline(x: FloatArray, y: FloatArray, x_eval: FloatArray) -> F
     c3 = np.concatenate(([0.0], (m[1:] - m[:-1]) / (6 * h), [0.0]))
     k = np.searchsorted(x, x_eval, side="right")  # 0: left of the knots, n: right of them
     t = x_eval - base[k]
-    return c0[k] + t * (c1[k] + t * (c2[k] + t * c3[k]))
+    values: FloatArray = c0[k] + t * (c1[k] + t * (c2[k] + t * c3[k]))
+    return values
 
 
 def _log_continuum(flux: FloatArray, idx: np.ndarray, knots: int) -> tuple[FloatArray, FloatArray]:

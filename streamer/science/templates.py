@@ -127,7 +127,7 @@ class TemplateBank:
     sources: tuple[str, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)  # version, builder settings, credits
     sha256: str = ""
-    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict[tuple[float, float, int], _Work] = field(default_factory=dict, repr=False, compare=False)  # by grid
 
     def __post_init__(self) -> None:
         n, length = self.flux.shape if self.flux.ndim == 2 else (-1, -1)
@@ -179,7 +179,10 @@ class TemplateBank:
         if keep.shape != (len(self),) or not keep.any():
             raise ConfigError(f"subset needs a bool mask of shape ({len(self)},) selecting at least one template")
         idx = np.flatnonzero(keep)
-        pick = lambda xs: tuple(xs[i] for i in idx)  # noqa: E731
+
+        def pick(xs: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(xs[i] for i in idx)
+
         return TemplateBank(grid=self.grid, flux=self.flux[idx], start=self.start[idx], stop=self.stop[idx],
                             objects=pick(self.objects), types=pick(self.types), classes=pick(self.classes),
                             phases=self.phases[idx], sources=pick(self.sources), meta=dict(self.meta))
@@ -491,7 +494,8 @@ def _screen(plans: Sequence[_Plan], work: _Work, block: slice) -> np.ndarray:
     a = np.zeros((int(bounds[-1]), work.n_rows), dtype=np.float32)  # [sum S_i, L]
     for p, k, lo in zip(plans, picks, bounds[:-1]):
         a[lo:lo + len(k), p.rows] = p.xs[k]
-    return np.maximum.reduceat(a @ work.t[block].T, bounds[:-1], axis=0) / work.norm[block]
+    scores: np.ndarray = np.maximum.reduceat(a @ work.t[block].T, bounds[:-1], axis=0) / work.norm[block]
+    return scores
 
 
 def _candidates(plans: Sequence[_Plan | None], work: _Work, n_candidates: int) -> list[np.ndarray | None]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -217,7 +217,7 @@ def _database_checks(d: DatabaseSettings) -> Iterator[CheckResult]:
         engine.dispose()
 
 
-def _schema_check(conn: Connection, d: DatabaseSettings) -> Iterator[CheckResult]:
+def _schema_check(conn: Connection, d: DatabaseSettings) -> Generator[CheckResult, None, bool]:
     """Yields the schema line; returns whether the tables are there (at head)."""
     scripts = AlembicConfig()
     scripts.set_main_option("script_location", str(resources.files("spectranet.streamer.runtime") / "migrations"))

@@ -40,7 +40,7 @@ from spectranet.streamer.contract.annotate import annotation_id
 from spectranet.streamer.contract.codec import Codec
 from spectranet.streamer.contract.readers import read_spectrum
 from spectranet.streamer.runtime import db
-from spectranet.streamer.runtime.daemon import Daemon
+from spectranet.streamer.runtime.daemon import Daemon, RunStats
 from spectranet.streamer.runtime.kafka_io import ensure_topics
 from spectranet.streamer.science.checkpoint import load_checkpoint
 from spectranet.streamer.tools.files import packet_from_file
@@ -130,7 +130,7 @@ MALFORMED = {  # kind -> (spectranet.error.class, spectranet.error.field)
 }
 
 
-def evolved_schema(extra_field: bool) -> dict:
+def evolved_schema(extra_field: bool) -> dict[str, Any]:
     """A writer schema one minor version ahead (extra field) or behind (an optional field missing)."""
     raw = copy.deepcopy(schemas.raw_schema(schemas.SPECTRUM_PACKET, "1.0"))
     if extra_field:
@@ -139,7 +139,9 @@ def evolved_schema(extra_field: bool) -> dict:
     else:
         raw["namespace"] = "spectranet.v0_9"
         raw["fields"] = [f for f in raw["fields"] if f["name"] != "exptime"]
-    return fastavro.parse_schema(raw)
+    parsed = fastavro.parse_schema(raw)
+    assert isinstance(parsed, dict)  # a record schema parses to a dict
+    return parsed
 
 
 def produce(bootstrap: str, topic: str, packets: list[Packet]) -> dict[tuple[int, int], Packet]:
@@ -200,9 +202,9 @@ class Results:
         assert {k[0] for k in keys} == {p.spectrum_id for p in packets}
         assert self.count(db.spectra) == len(packets)
 
-    def query(self, text: str) -> list[sa.Row]:
+    def query(self, text: str) -> list[sa.Row[Any]]:
         with self.engine.connect() as conn:
-            return conn.execute(sa.text(text)).all()
+            return list(conn.execute(sa.text(text)).all())
 
 
 class Offsets:
@@ -251,7 +253,7 @@ def annotation_ids(messages: list[Any]) -> list[str]:
 
 
 def expected_annotation_ids(packets: list[Packet]) -> set[str]:
-    return {annotation_id(p.spectrum_id, 0, *MODEL) for p in packets}
+    return {annotation_id(p.spectrum_id, 0, *MODEL) for p in packets if p.spectrum_id is not None}
 
 
 # --------------------------------------------------------------------------------------------------- daemons
@@ -330,7 +332,7 @@ class DaemonThread:
         self.daemon = daemon
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.stats = None
+        self.stats: RunStats | None = None
         self.thread = threading.Thread(target=self._run, kwargs=run_kwargs, name=name, daemon=True)
 
     def _run(self, **kwargs: Any) -> None:
@@ -406,7 +408,7 @@ class Assignments(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         verb, _, rest = record.getMessage().partition(" ")
         parts = {p for p in rest.split(", ") if p}
-        held = self.held.setdefault(record.threadName, set())
+        held = self.held.setdefault(record.threadName or "", set())
         if verb == "assigned":
             held |= parts
         elif verb == "revoked":
