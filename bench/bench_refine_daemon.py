@@ -87,7 +87,8 @@ def one_run(variant: str, *, bootstrap: str, pg_dsn: str, create_database: Any, 
     last = max(r["arrived"] for r in recs)
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        methods = dict(conn.execute(sa.text("SELECT z_method, count(*) FROM classifications GROUP BY z_method")).all())
+        rows = conn.execute(sa.text("SELECT z_method, count(*) FROM classifications GROUP BY z_method")).all()
+        methods: dict[str, int] = {str(m): int(c) for m, c in rows}
     engine.dispose()
     first_batch = min(len(recs), 64)
     row = {"variant": variant, "n": len(recs), "seconds": round(last - first, 2),

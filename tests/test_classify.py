@@ -161,6 +161,7 @@ def calibrated_path(checkpoint_path, tmp_path_factory) -> Path:
 def test_confident_and_out_of_distribution_come_from_the_models_calibration(calibrated_path):
     engine = InferenceEngine(load_checkpoint(calibrated_path), device="cpu", warmup=False)
     ood = engine.checkpoint.calibration.ood
+    assert ood is not None
     files = [str(ROOT / p) for p in CALIBRATED_FILES]
     results = list(classify_files(files, engine))
     prepared = [prepare_file(read_spectrum(f), engine.checkpoint.preprocess) for f in files]

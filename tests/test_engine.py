@@ -264,10 +264,11 @@ def test_confident_follows_the_checkpoints_thresholds_and_ood_its_flux_score(che
 def test_a_checkpoint_without_calibration_is_never_confident_nor_out_of_distribution(checkpoint):
     x = _arrays(6)
     x[3:, 0] += 3.0
-    for cal in (dict(thresholds={}, ood=False), dict(thresholds={c: 0.0 for c in CLASSES}, ood=False)):
-        preds = InferenceEngine(_calibrated(checkpoint, **cal), device="cpu", warmup=False).predict_arrays(x)
+    for thresholds in ({}, {c: 0.0 for c in CLASSES}):
+        preds = InferenceEngine(_calibrated(checkpoint, thresholds=thresholds, ood=False), device="cpu",
+                                warmup=False).predict_arrays(x)
         assert all(p.out_of_distribution is False for p in preds)
-        assert {p.confident for p in preds} == ({None} if not cal["thresholds"] else {True})
+        assert {p.confident for p in preds} == ({None} if not thresholds else {True})
     only_ood = InferenceEngine(_calibrated(checkpoint, thresholds={}, ood=True), device="cpu", warmup=False)
     preds = only_ood.predict_arrays(x)
     assert [p.confident for p in preds] == [None] * 6  # no thresholds: null, not False

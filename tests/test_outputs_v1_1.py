@@ -240,8 +240,9 @@ def test_a_bank_whose_names_do_not_fit_the_columns_is_refused(bank) -> None:
     renamed = dataclasses.replace(bank, objects=(long_name, *bank.objects[1:]))
     with pytest.raises(ConfigError, match="longer than 64"):
         check_template_bank(renamed)
-    assert db.classifications.c.template_object.type.length == TEMPLATE_STRING_LIMITS["object"]
-    assert db.classifications.c.template_type.type.length == TEMPLATE_STRING_LIMITS["type"]
+    for column, limit in (("template_object", "object"), ("template_type", "type")):
+        column_type = db.classifications.c[column].type
+        assert isinstance(column_type, sa.String) and column_type.length == TEMPLATE_STRING_LIMITS[limit]
 
 
 # ------------------------------------------------------------------------------------------------ the migration
