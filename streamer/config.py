@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import tomllib
+import warnings
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal

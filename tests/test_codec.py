@@ -8,14 +8,16 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spectranet.streamer.contract.codec import BundledSchemas, Codec, Framing, sniff_framing
+from spectranet.streamer.contract.codec import BundledSchemas, Codec, Framing, RegistrySchemas, sniff_framing
 from spectranet.streamer.errors import DecodeError
 
 from tests.support.harness import evolved_schema
@@ -145,3 +147,40 @@ def test_corrupted_packets_raise_nothing_but_decode_errors(flips: list[tuple[int
         Codec("spectrum_packet").decode(bytes(data))
     except DecodeError:
         pass
+
+
+def _serve_registry(schemas_by_id: dict[int, str]) -> tuple[ThreadingHTTPServer, str]:
+    """A local HTTP server answering ``GET /schemas/ids/{id}`` as a Confluent schema registry does (404 if unknown)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
+            schema_id = int(self.path.rsplit("/", 1)[-1])
+            found = schema_id in schemas_by_id
+            body = json.dumps({"schema": schemas_by_id[schema_id]} if found else {"error_code": 40403}).encode()
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's signature
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_registry_schema_that_is_not_a_record_is_a_decode_error_naming_the_id() -> None:
+    record = {"type": "record", "name": "r", "fields": [{"name": "x", "type": "int"}]}
+    server, url = _serve_registry({1: json.dumps(record), 2: json.dumps("string"), 3: "{not json"})
+    try:
+        registry = RegistrySchemas(url)
+        assert registry.schema(1)["name"] == "r"
+        for schema_id, message in ((2, "not an Avro record schema"), (3, "not a valid Avro schema"),
+                                   (4, "not in the registry")):
+            with pytest.raises(DecodeError, match=f"schema id {schema_id} .*{message}") as info:
+                registry.schema(schema_id)
+            assert info.value.field == "schema_id"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -97,7 +97,8 @@ class RegistrySchemas:
             method="GET" if body is None else "POST",
         )
         with urllib.request.urlopen(req, timeout=self._timeout) as resp:
-            return json.loads(resp.read())
+            reply: dict[str, Any] = json.loads(resp.read())
+            return reply
 
     def schema(self, schema_id: int) -> dict[str, Any]:
         if schema_id not in self._by_id:
@@ -111,10 +112,14 @@ class RegistrySchemas:
             except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a reply that is not JSON
                 raise InfrastructureError(f"schema registry {self._url} unreachable: {exc}") from exc
             try:
-                self._by_id[schema_id] = fastavro.parse_schema(json.loads(reply["schema"]))
+                parsed = fastavro.parse_schema(json.loads(reply["schema"]))
             except Exception as exc:  # noqa: BLE001 - a writer schema the registry holds but Avro cannot parse
                 raise DecodeError(f"schema id {schema_id} in the registry is not a valid Avro schema: {exc}",
                                   field="schema_id") from exc
+            if not isinstance(parsed, dict):  # a bare type name or a union: no record can be written with it
+                raise DecodeError(f"schema id {schema_id} in the registry is not an Avro record schema",
+                                  field="schema_id")
+            self._by_id[schema_id] = parsed
         return self._by_id[schema_id]
 
     def schema_id(self, name: str, version: str) -> int:

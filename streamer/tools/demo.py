@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from spectranet.streamer.app import build_daemon
 from spectranet.streamer.config import load_settings
-from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.contract.readers import SpectrumFile, read_spectrum
 from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.kafka_io import ensure_topics
 from spectranet.streamer.tools.embedded import start_tansu
@@ -76,7 +77,7 @@ def run_demo(*, output_dir: Path) -> int:
     with ExitStack() as stack:
         bootstrap = os.environ.get("SPECTRANET_KAFKA__BOOTSTRAP_SERVERS")
         embedded = bootstrap is None
-        if embedded:
+        if bootstrap is None:
             broker = start_tansu()
             stack.callback(broker.stop)
             bootstrap = broker.bootstrap_servers
@@ -102,17 +103,17 @@ def run_demo(*, output_dir: Path) -> int:
 
 
 def _report(db_url: str, samples: list[str], output_dir: Path) -> None:
-    truth = {}
+    truth: dict[str, tuple[SpectrumFile, str]] = {}  # spectrum_id -> (file, path)
     for path in samples:
-        sf = read_spectrum(path)
-        truth[packet_from_file(sf)["spectrum_id"]] = (sf, path)
+        sample = read_spectrum(path)
+        truth[packet_from_file(sample)["spectrum_id"]] = (sample, path)
     db_engine = db.create_engine(db_url)
     with db_engine.connect() as conn:
         rows = conn.execute(sa.select(db.classifications).order_by(db.classifications.c.object_id)).mappings().all()
     print(f"\n{'object':<32}{'reported':<12}{'predicted':<11}{'p':>6}{'conf':>6}{'z rep':>8}{'z pred':>16}"
           f"  {'z from':<9}looks like")
     for r in rows:
-        sf, _ = truth.get(r["spectrum_id"], (None, None))
+        sf = truth[r["spectrum_id"]][0] if r["spectrum_id"] in truth else None
         reported = (sf.label or "?") if sf else "?"
         z_rep = f"{sf.redshift:.3f}" if sf and sf.redshift is not None else "?"
         z_pred = f"{r['z']:.3f}±{(r['z_err'] or 0):.3f}"
@@ -145,7 +146,7 @@ def _print_next_steps(db_url: str, *, bootstrap: str, topic: str, embedded: bool
     print("\n".join("  " + line for line in SUBSCRIBER.format(bootstrap=shown, topic=topic).splitlines()))
 
 
-def _plot(rows: list, truth: dict, png: Path) -> None:
+def _plot(rows: Sequence[sa.RowMapping], truth: dict[str, tuple[SpectrumFile, str]], png: Path) -> None:
     try:
         import matplotlib
 
@@ -159,7 +160,7 @@ def _plot(rows: list, truth: dict, png: Path) -> None:
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(16, 2.2 * ((n + cols - 1) // cols)),
                              squeeze=False)
     for ax, r in zip(axes.flat, rows):
-        sf, _ = truth.get(r["spectrum_id"], (None, None))
+        sf = truth[r["spectrum_id"]][0] if r["spectrum_id"] in truth else None
         if sf is not None:
             ax.plot(sf.wavelength, sf.flux / abs(sf.flux).max(), lw=0.6, color="k")
         ax.set_title(f"{r['object_id']}: rep {sf.label if sf else '?'} / pred {r['top_class']} "
