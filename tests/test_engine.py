@@ -29,6 +29,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _checkpoint(temperature: float = 1.0) -> Checkpoint:
     torch.manual_seed(0)
     model = SpectraNet(TINY)
+    assert model.classifier is not None  # one network: it classifies
     with torch.no_grad():  # a random net gives near-uniform probabilities; spread the logits so argmax means something
         model.classifier.weight.mul_(20.0)
     return Checkpoint(name="tiny", version="0.0.0", model_config=TINY, taxonomy=CLASSES, preprocess=PREPROCESS,
