@@ -83,3 +83,16 @@ def test_a_card_with_a_broken_out_of_distribution_model_is_refused() -> None:
                                      "threshold": 0.5})
     with pytest.raises(CheckpointError, match="invalid out-of-distribution"):
         Calibration.from_dict({"ood": {"mean": [0.0]}})
+
+
+def test_export_keeps_the_temperature_and_the_calibration(tmp_path) -> None:
+    from spectranet.training.export import export_trained
+
+    shipped = load_checkpoint()
+    cal = Calibration(thresholds={"Ia": 0.93, "II": 0.8}, target_purity={"Ia": 0.99, "II": 0.9})
+    save_checkpoint(shipped.build_model(), tmp_path / "run" / "m-9.9.9", name="m", version="9.9.9",
+                    taxonomy=shipped.taxonomy, preprocess=shipped.preprocess, temperature=1.7, calibration=cal)
+    exported = export_trained(tmp_path / "run" / "m-9.9.9", tmp_path / "models")
+    loaded = load_checkpoint(tmp_path / "models" / "m-9.9.9")
+    assert loaded.temperature == exported.temperature == 1.7
+    assert loaded.calibration.thresholds == {"Ia": 0.93, "II": 0.8}

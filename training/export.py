@@ -44,15 +44,18 @@ def export_trained(run_checkpoint: Path, out_dir: Path, *, evaluation: Path | No
         report = json.loads(Path(evaluation).read_text())
         extra["evaluation"] = {"summary": report["summary"], "baseline": report.get("baseline"),
                                "sets": {name: {"n": s["n"], "model": _short(s["model"]),
+                                               **({"model_refined": _short(s["model_refined"])}
+                                                  if "model_refined" in s else {}),
                                                **({"baseline": _short(s["baseline"])} if "baseline" in s else {})}
                                         for name, s in report["sets"].items()}}
     return save_checkpoint(ckpt.build_model(), out_dir / f"{ckpt.name}-{ckpt.version}", name=ckpt.name,
                            version=ckpt.version, taxonomy=ckpt.taxonomy, preprocess=ckpt.preprocess,
-                           temperature=ckpt.temperature, extra=extra)
+                           temperature=ckpt.temperature, calibration=ckpt.calibration, extra=extra)
 
 
 def _short(report: dict) -> dict:
-    keep = ("accuracy", "macro_f1", "ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy", "redshift", "per_class")
+    keep = ("accuracy", "macro_f1", "ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy",
+            "ia_purity_at_90_completeness", "ece", "redshift", "per_class")
     return {k: report[k] for k in keep if k in report}
 
 
