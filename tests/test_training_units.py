@@ -418,3 +418,20 @@ def test_a_checkpoint_trained_before_object_key_rebuilds_its_v1_split() -> None:
     assert TrainConfig.from_checkpoint({"train_config": {"seed": 3}}).object_names == "v1"
     assert TrainConfig.from_checkpoint({"train_config": {"seed": 3, "object_names": "v2"}}).object_names == "v2"
     assert TrainConfig().object_names == "v2"
+
+
+def test_the_stacker_learns_evidence_the_network_lacks_and_is_cross_fitted() -> None:
+    from spectranet.training.calibrate import EvalSet
+    from spectranet.training.evaluate import _stacked
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, len(CLASSES), n)
+    logits = rng.normal(size=(n, len(CLASSES)))                 # an uninformative network
+    evidence = np.eye(len(CLASSES))[y] * rng.uniform(0.5, 1, n)[:, None]  # a matcher that is always right
+    s = EvalSet(x=np.zeros((n, 2, 4), np.float32), y=y, z=np.zeros(n), objects=np.array([f"o{i}" for i in range(n)]),
+                sources=np.array(["osc"] * n))
+    probs = _stacked(s, logits, evidence)
+    assert probs.shape == (n, len(CLASSES)) and np.allclose(probs.sum(axis=1), 1.0)
+    assert (probs.argmax(axis=1) == y).mean() > 0.95
+    assert (_stacked(s, logits, np.zeros_like(evidence)).argmax(axis=1) == y).mean() < 0.3  # nothing to learn

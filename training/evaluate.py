@@ -165,6 +165,25 @@ def _refined_z(s: EvalSet, out: Outputs, probs: np.ndarray, bank: TemplateBank |
     return ref.z, ref.method
 
 
+def _stacked(s: EvalSet, logits: np.ndarray, match_evidence: np.ndarray) -> np.ndarray:
+    """Probabilities of a multinomial logistic stacker on [network logits, matcher class x score], fitted on one half
+    of the objects and applied to the other, and back: does the template evidence add to the network's?"""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([logits, match_evidence], axis=1)
+    folds = object_folds(s.objects)
+    out = np.full((len(s.y), len(CLASSES)), 1.0 / len(CLASSES))
+    for k in (0, 1):
+        fit, test = folds != k, folds == k
+        present = np.unique(s.y[fit])
+        if not test.any() or len(present) < 2:
+            continue
+        clf = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(x[fit], s.y[fit])
+        out[test] = 0.0
+        out[np.ix_(test, present)] = clf.predict_proba(x[test])
+    return out
+
+
 def _cross_fitted(s: EvalSet, out: Outputs, ood_scores: np.ndarray | None, quantile: float) -> dict[str, Any]:
     """ECE, purity of the thresholded calls, and the in-taxonomy out-of-distribution rate, each fitted on one half of
     the objects and scored on the other."""
@@ -222,11 +241,17 @@ def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module,
             "macro_f1", "accuracy", "ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy")}
     z_preds = {"SpectraNet": o.z, "SpectraNet + templates": z_ref}
     if baseline is not None and len(s.y):
-        cls, zb, _ = match(baseline, _continuum_removed(s.x, ckpt), s.x[:, 1])
+        cls, zb, match_score = match(baseline, _continuum_removed(s.x, ckpt), s.x[:, 1])
         onehot = np.eye(len(CLASSES))[cls]
         result["baseline"] = score(s.y, onehot, zb, s.z)
         result["baseline"]["ece"] = M.expected_calibration_error(onehot, s.y)
         z_preds["template matcher"] = zb
+        if len(s.y) >= 100:
+            stacked = _stacked(s, o.logits, onehot * match_score[:, None])
+            result["stacked"] = {**score(s.y, stacked, z_ref, s.z),
+                                 "ece": M.expected_calibration_error(stacked, s.y),
+                                 "note": "logistic stacker on the network's logits and the matcher's class x score, "
+                                         "cross-fitted by object halves; measured, not shipped"}
     if figures_too:
         figures.plot_confusion(np.array(result["model"]["confusion_matrix"]), CLASSES, out / "confusion.png",
                                f"SpectraNet, {name}")

@@ -66,7 +66,7 @@ def sets_table(report: dict[str, Any]) -> str:
             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in report["sets"].items():
         for pred, label in (("model", "SpectraNet"), ("model_refined", "+ template z"),
-                            ("baseline", "template matcher")):
+                            ("baseline", "template matcher"), ("stacked", "stacker (not shipped)")):
             if pred not in s:
                 continue
             m = s[pred]
