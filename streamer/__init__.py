@@ -4,4 +4,4 @@ The daemon polls Avro spectrum packets, preprocesses them onto the model grid, c
 SpectraNet, writes results to a database and publishes annotated packets, and only then advances offsets.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -73,7 +73,10 @@ def _simulate(spectra: list[Spectrum], galaxies: list, preprocess: PreprocessCon
             x, z = simulate_input(s, galaxies, np.random.default_rng([seed, i]), preprocess, cfg)
         except PreprocessError:
             continue
-        xs.append(x), zs.append(z), objs.append(s.object_id), srcs.append(s.source)
+        xs.append(x)
+        zs.append(z)
+        objs.append(s.object_id)
+        srcs.append(s.source)
         ys.append(CLASSES.index(s.label) if labelled else -1)
     n_bins = preprocess.grid.n_bins
     return EvalSet(x=np.stack(xs) if xs else np.zeros((0, 2, n_bins), np.float32), y=np.array(ys, int),
@@ -156,8 +159,10 @@ def run_model(model: torch.nn.Module, x: np.ndarray, *, batch: int = 256, z: np.
     for k in range(0, len(x), batch):
         zb = None if z is None else torch.as_tensor(z[k:k + batch], dtype=torch.float32)
         out = model(torch.from_numpy(np.ascontiguousarray(x[k:k + batch])), zb)
-        logits.append(out.logits.float()), zm.append(out.z_mean.float().clamp(min=0.0))
-        ze.append(torch.exp(0.5 * out.z_logvar.float())), feats.append(out.features.float())
+        logits.append(out.logits.float())
+        zm.append(out.z_mean.float().clamp(min=0.0))
+        ze.append(torch.exp(0.5 * out.z_logvar.float()))
+        feats.append(out.features.float())
     if not logits:
         return Outputs(np.zeros((0, len(CLASSES))), np.zeros(0), np.zeros(0), np.zeros((0, 1)))
     return Outputs(torch.cat(logits).numpy(), torch.cat(zm).numpy(), torch.cat(ze).numpy(), torch.cat(feats).numpy())
