@@ -51,13 +51,13 @@ from tests.support.postgres import create_database, drop_database
 
 pytestmark = pytest.mark.integration
 
-
-# --------------------------------------------------------------------------------------------------- 1: two consumers
-
-
 # How long a restarted daemon may take to drain the rest of a test's packets: a liveness bound, not a speed target
 # (bench/ measures speed). 2,000 packets took 120 s on this 2-core machine while a training job held both cores.
 DRAIN_S = 420
+
+
+# --------------------------------------------------------------------------------------------------- 1: two consumers
+
 
 def test_1000_packets_through_two_consumers_of_one_group(setup: Setup, tmp_path: Path) -> None:
     setup.partitions, setup.batch = 4, {"max_packets": 64}
