@@ -46,6 +46,7 @@ from spectranet.streamer.tools.files import publish_files
 
 from tests.support.common import SPECTRUM_FILES
 from tests.support.fakes import OUT, FakeConsumer, FakeProducer, fake_daemon, fake_messages, fake_packets
+from tests.support.golden import plain_json
 from tests.support.harness import drain
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -56,16 +57,6 @@ NEW_COLUMNS = ("z_network", "template_object", "template_type", "template_phase"
 
 def _golden(name: str, version: str, suffix: str) -> Path:
     return GOLDEN / f"{name}_v{version.replace('.', '_')}.{suffix}"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return round(value.timestamp() * 1000)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------- the contract: 1.1 vs 1.0
@@ -125,7 +116,7 @@ def test_1_1_bytes_decode_with_the_1_0_reader(framing: Framing) -> None:
     assert "confident" not in as_1_0 and set(as_1_0["redshift"]) == {"z", "z_err", "method"}
     leaves = [p for p in reader_fields if not any(q.startswith(p + ".") for q in reader_fields)]
     for path in leaves:  # every field 1.0 knows has the value the 1.1 producer wrote
-        got, want = _plain(as_1_0), written
+        got, want = plain_json(as_1_0), written
         for part in path.split("."):
             got, want = got[part], want[part]
         assert got == want, path
@@ -136,7 +127,7 @@ def test_1_1_bytes_decode_with_the_1_0_reader(framing: Framing) -> None:
 def test_1_0_bytes_decode_with_the_1_1_reader_with_nulls_for_the_new_fields(framing: Framing) -> None:
     data = _golden(schemas.ANNOTATED_SPECTRUM, "1.0", f"{framing}.avro").read_bytes()
     written = json.loads(_golden(schemas.ANNOTATED_SPECTRUM, "1.0", "json").read_text())
-    as_1_1 = _plain(Codec(schemas.ANNOTATED_SPECTRUM, version="1.1").decode(data))
+    as_1_1 = plain_json(Codec(schemas.ANNOTATED_SPECTRUM, version="1.1").decode(data))
     assert as_1_1["confident"] is None
     assert as_1_1["redshift"] == {**written["redshift"], "z_network": None, "template": None}
     assert {k: v for k, v in as_1_1.items() if k not in ("confident", "redshift")} == \

@@ -8,7 +8,6 @@ A missing sample fails, so a new version cannot ship without them.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ import fastavro
 import pytest
 import spectranet.schemas as schemas
 from spectranet.streamer.contract.codec import BundledSchemas, Codec, Framing, sniff_framing
+
+from tests.support.golden import plain_json
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 FRAMINGS: tuple[Framing, ...] = ("schemaless", "confluent", "container")
@@ -27,17 +28,6 @@ def _golden(name: str, version: str, suffix: str) -> Path:
     path = GOLDEN / f"{name}_v{version.replace('.', '_')}.{suffix}"
     assert path.is_file(), f"no golden sample {path.name}: python tests/data/golden/make_golden.py"
     return path
-
-
-def _plain(value: Any) -> Any:
-    """A decoded record as plain JSON, the way the golden .json files store it (timestamp-millis as integers)."""
-    if isinstance(value, datetime):
-        return round(value.timestamp() * 1000)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _added_fields(current: Any, written: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
@@ -115,7 +105,7 @@ def test_golden_bytes_decode_and_re_encode_to_the_same_bytes(name: str, version:
     codec = Codec(name, version=version)
     assert sniff_framing(data) == framing
     record = codec.decode(data)
-    assert _plain(record) == expected
+    assert plain_json(record) == expected
     again = codec.encode(record, framing=framing)
     if framing == "container":
         # The container's sync marker is random per file (it also ends the header): compare with the golden's.
@@ -138,7 +128,7 @@ def test_every_version_decodes_under_the_current_reader_schema(name: str, versio
     assert sorted(current) == sorted(reader_fields)  # resolution appends fields the writer lacked
     written = json.loads(_golden(name, version, "json").read_text())
     shared = [k for k in reader_fields if k in written and k != "schema_version"]
-    kept, added = _added_fields({k: _plain(current[k]) for k in shared}, {k: written[k] for k in shared})
+    kept, added = _added_fields({k: plain_json(current[k]) for k in shared}, {k: written[k] for k in shared})
     assert shared and kept == {k: written[k] for k in shared}
     assert set(added.values()) <= {None}, added  # fields newer than the writer are optional, with null defaults
 

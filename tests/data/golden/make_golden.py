@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root: tests.support
 
 from spectranet.schemas import ANNOTATED_SPECTRUM, SCHEMA_NAMES, SCHEMA_VERSION, SPECTRUM_PACKET
 from spectranet.streamer.contract.annotate import Source, build_annotation
@@ -32,6 +35,8 @@ from spectranet.streamer.contract.readers import read_spectrum
 from spectranet.streamer.science.checkpoint import load_checkpoint
 from spectranet.streamer.science.inference import TEMPLATES_DEFAULT, InferenceEngine, resolve_template_bank
 from spectranet.streamer.tools.files import packet_from_file
+
+from tests.support.golden import plain_json
 
 HERE = Path(__file__).parent
 SOURCE = HERE.parent / "spectra" / "2019dwa_TNS_ZTF_SEDM_2019.0514.txt"
@@ -60,17 +65,6 @@ def golden_annotation() -> dict[str, Any]:
 
 BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {SPECTRUM_PACKET: golden_packet,
                                                      ANNOTATED_SPECTRUM: golden_annotation}
-
-
-def plain_json(value: Any) -> Any:
-    """A record as plain JSON: datetimes (timestamp-millis) become epoch milliseconds, as Avro stores them."""
-    if isinstance(value, datetime):
-        return round(value.timestamp() * 1000)
-    if isinstance(value, dict):
-        return {k: plain_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_json(v) for v in value]
-    return value
 
 
 def stem(name: str, version: str) -> str:
