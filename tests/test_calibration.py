@@ -65,7 +65,7 @@ def test_calibration_round_trips_through_a_checkpoint_card(tmp_path) -> None:
     n = shipped.model_config.n_bins
     ood = OutOfDistribution(mean=rng.normal(size=n), scale=rng.uniform(0.5, 2, n), weights=rng.normal(size=n),
                             bias=0.3, threshold=0.7)
-    cal = Calibration(thresholds={"Ia": 0.91}, target_purity={"Ia": 0.99}, ood=ood)
+    cal = Calibration(thresholds={"Ia": 0.91}, target_purity={"Ia": 0.99}, ood=ood, class_bias={"Ia": 0.8, "II": -0.2})
     saved = save_checkpoint(shipped.build_model(), tmp_path / "m-9.9.9", name="m", version="9.9.9",
                             taxonomy=shipped.taxonomy, preprocess=shipped.preprocess, temperature=1.3, calibration=cal)
     loaded = load_checkpoint(tmp_path / "m-9.9.9")
@@ -75,6 +75,22 @@ def test_calibration_round_trips_through_a_checkpoint_card(tmp_path) -> None:
     assert loaded.calibration.ood is not None
     np.testing.assert_allclose(loaded.calibration.ood.score(x), ood.score(x))
     assert saved.card()["calibration"]["ood"]["method"] == "logistic-on-input-flux"
+    assert loaded.calibration.class_bias == {"Ia": 0.8, "II": -0.2}
+    logits = rng.normal(size=(4, len(shipped.taxonomy)))
+    np.testing.assert_allclose(loaded.probabilities(logits), saved.probabilities(logits))
+
+
+def test_probabilities_are_softmax_of_logits_over_temperature_plus_the_class_bias() -> None:
+    logits = np.array([[2.0, 0.0], [0.0, 0.0], [-1.0, 3.0]])
+    plain = Calibration().probabilities(logits, 2.0, CLASSES)
+    np.testing.assert_allclose(plain, np.exp(logits / 2) / np.exp(logits / 2).sum(axis=1, keepdims=True))
+    biased = Calibration(class_bias={"B": 1.5}).probabilities(logits, 2.0, CLASSES)  # "A" has none: 0
+    shifted = logits / 2 + np.array([0.0, 1.5])
+    np.testing.assert_allclose(biased, np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(biased.sum(axis=1), 1.0)
+    assert biased[1, 1] == pytest.approx(1 / (1 + np.exp(-1.5)))  # a tie moved to B by its bias
+    huge = Calibration().probabilities(np.array([[1e4, -1e4]]), 1.0, CLASSES)  # no overflow
+    assert np.isfinite(huge).all() and huge[0, 0] == pytest.approx(1.0)
 
 
 def test_a_card_with_a_broken_out_of_distribution_model_is_refused() -> None:

@@ -19,6 +19,7 @@ from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.science.model import ModelConfig, SpectraNet
 from spectranet.streamer.science.preprocess import PreprocessConfig
 from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.streamer.science.templates import DEFAULT_WINDOW
 from spectranet.streamer.tools.files import classify_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def _check_result(r: dict, model: dict) -> None:
     assert r["redshift_network"] >= 0.0
     if r["redshift_method"] == "template":
         assert set(r["template"]) == {"object", "type", "phase", "r"} and r["template"]["r"] > 0
-        assert abs(math.log1p(r["redshift"]) - math.log1p(r["redshift_network"])) <= 0.03 + 1e-9  # the window
+        assert abs(math.log1p(r["redshift"]) - math.log1p(r["redshift_network"])) <= DEFAULT_WINDOW + 1e-9  # the window
     else:
         assert r["redshift_method"] == "model" and r["template"] is None
         assert r["redshift"] == r["redshift_network"]

@@ -262,6 +262,20 @@ def test_confident_follows_the_checkpoints_thresholds_and_ood_its_flux_score(che
     assert [p.out_of_distribution for p in preds] == [False] * 12 + [True] * 12
 
 
+def test_the_class_bias_moves_the_engines_probabilities_and_calls(checkpoint):
+    x = _arrays(12, seed=4)
+    plain = InferenceEngine(checkpoint, device="cpu", warmup=False).predict_arrays(x)
+    target = CLASSES[-1]
+    biased_ckpt = dataclasses.replace(checkpoint, calibration=Calibration(class_bias={target: 50.0}))
+    biased = InferenceEngine(biased_ckpt, device="cpu", warmup=False).predict_arrays(x)
+    assert {p.top_class for p in biased} == {target} != {p.top_class for p in plain}
+    logits = np.log(np.array([[q.probabilities[c] for c in CLASSES] for q in plain]))  # up to a constant per row
+    expected = Calibration(class_bias={target: 50.0}).probabilities(logits, 1.0, CLASSES)
+    got = np.array([[q.probabilities[c] for c in CLASSES] for q in biased])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-9)
+    assert [p.z for p in biased] == [p.z for p in plain]  # the redshift is not the calibration's business
+
+
 def test_a_checkpoint_without_calibration_is_never_confident_nor_out_of_distribution(checkpoint):
     x = _arrays(6)
     x[3:, 0] += 3.0

@@ -16,6 +16,7 @@ from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.science.preprocess import Grid, PreprocessConfig, prepare
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.streamer.science.templates import (
+    DEFAULT_WINDOW,
     METHOD_NETWORK,
     METHOD_TEMPLATE,
     RefineConfig,
@@ -335,8 +336,9 @@ def test_the_engine_refines_with_a_bank_and_keeps_the_network_estimate(real_spec
         assert b.probabilities == a.probabilities and b.z_network == a.z
         methods.add(b.z_method)
         if b.z_method == METHOD_TEMPLATE:
-            assert abs(math.log1p(b.z) - math.log1p(b.z_network)) <= 0.03 + 1e-9
-            assert b.template is not None and b.template.object in shipped.objects and b.template.rlap >= 3
+            assert abs(math.log1p(b.z) - math.log1p(b.z_network)) <= DEFAULT_WINDOW + 1e-9
+            assert b.template is not None and b.template.object in shipped.objects
+            assert b.template.rlap >= RefineConfig().min_rlap
             assert b.z_err > 0
         else:
             assert b.template is None and b.z == a.z and b.z_err == a.z_err

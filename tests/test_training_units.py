@@ -118,6 +118,21 @@ def test_ece_and_temperature():
     assert t == pytest.approx(3.0, rel=0.1)
 
 
+def test_temperature_and_bias_recover_a_known_miscalibration():
+    # labels drawn from softmax(true logits); the model's logits are 2x over-confident and shifted against class 0
+    # (what a class-balanced loss does to a frequent class): the fit must undo both
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0, 1.5, (6000, 4)) + np.array([1.0, 0.0, 0.0, -0.5])
+    y = np.array([rng.choice(4, p=p) for p in M.softmax(true_logits)])
+    shift = np.array([-1.2, 0.4, 0.4, 0.4])
+    t, b = M.fit_temperature_and_bias(2.0 * true_logits + shift, y, 4, l2=0.0)
+    assert t == pytest.approx(2.0, rel=0.1)
+    np.testing.assert_allclose(b - b.mean(), -(shift - shift.mean()) / t, atol=0.1)
+    # regularised, the bias is smaller but points the same way
+    _, b_l2 = M.fit_temperature_and_bias(2.0 * true_logits + shift, y, 4, l2=0.5)
+    assert np.linalg.norm(b_l2) < np.linalg.norm(b) and b_l2[0] > b_l2[1:].max()
+
+
 def test_precision_recall_curve():
     precision, recall, ap = M.precision_recall_curve(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]))
     assert precision.tolist() == pytest.approx([1.0, 0.5, 2 / 3, 0.5])

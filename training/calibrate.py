@@ -1,4 +1,4 @@
-"""Calibrate a trained checkpoint: temperature, per-class purity thresholds, out-of-distribution distance.
+"""Calibrate a trained checkpoint: temperature and class bias, per-class purity thresholds, out-of-distribution score.
 
     python -m spectranet.training.calibrate --model runs/v040/spectranet-sedm-0.4.0 --out runs/v040/calibrated
 
@@ -8,8 +8,10 @@ Reads top to bottom:
 2. sets: the training spectra once through the SEDM simulation (features for the out-of-distribution model); the
    validation spectra as **real-degraded** (real observed spectra at their own redshift, degraded to SEDM) and as
    **simulated** (rest-frame templates at drawn redshifts); see ``evaluation_sets``.
-3. fit on validation: the softmax temperature (NLL), the per-class thresholds for the target purities
-   (``TARGET_PURITY``), and the out-of-distribution threshold (``OOD_QUANTILE`` of in-taxonomy validation distances).
+3. fit on validation: the softmax temperature and class bias (NLL, ``metrics.fit_temperature_and_bias``) and the
+   per-class thresholds for the target purities (``TARGET_PURITY``) on the **real-degraded** set (real spectra: the
+   class mix and the look of what the daemon sees; templates at drawn redshifts are neither), and the
+   out-of-distribution threshold (``OOD_QUANTILE`` of in-taxonomy validation scores, both sets).
 4. write the checkpoint again with the temperature and ``calibration`` in its card (weights unchanged).
 
 Everything fitted here uses validation spectra, so ``spectranet evaluate`` reports calibration metrics cross-fitted
@@ -36,7 +38,8 @@ from spectranet.training.simulate import SEDM_DEFAULT, simulate_input
 from spectranet.training.train import TrainConfig, load_split
 
 __all__ = ["TARGET_PURITY", "OOD_QUANTILE", "OBSERVED_SOURCES", "Outputs", "EvalSet", "evaluation_sets",
-           "non_transient_templates", "simulate_non_transients", "non_transient_set", "run_model", "fit_calibration",
+           "non_transient_templates", "simulate_non_transients", "non_transient_set", "run_model", "fit_probabilities",
+           "fit_calibration",
            "object_folds", "calibrate"]
 
 TARGET_PURITY = {"Ia": 0.99, **{c: 0.90 for c in CLASSES if c != "Ia"}}
@@ -168,16 +171,24 @@ def run_model(model: torch.nn.Module, x: np.ndarray, *, batch: int = 256, z: np.
     return Outputs(torch.cat(logits).numpy(), torch.cat(zm).numpy(), torch.cat(ze).numpy(), torch.cat(feats).numpy())
 
 
-def fit_calibration(x_train: np.ndarray, x_non_transient: np.ndarray, x_val: np.ndarray, val_out: Outputs,
-                    y_val: np.ndarray) -> tuple[float, Calibration]:
-    """Temperature and purity thresholds from validation outputs; the out-of-distribution score from training
-    transients vs simulated non-transient templates (inputs x [N, 2, n_bins]), thresholded on validation."""
-    temperature = M.fit_temperature(val_out.logits, y_val)
-    probs = M.softmax(val_out.logits, temperature)
-    thresholds = purity_thresholds(probs, y_val, CLASSES, TARGET_PURITY)
+def fit_probabilities(logits: np.ndarray, y: np.ndarray) -> tuple[float, Calibration]:
+    """Temperature, class bias and purity thresholds fitted on validation logits [N, C] and labels [N] (no
+    out-of-distribution model); ``spectranet evaluate`` refits exactly this on object halves to cross-fit."""
+    temperature, bias = M.fit_temperature_and_bias(logits, y, len(CLASSES))
+    calibration = Calibration(target_purity=dict(TARGET_PURITY), class_bias=dict(zip(CLASSES, bias.tolist())))
+    probs = calibration.probabilities(logits, temperature, CLASSES)
+    return temperature, replace(calibration, thresholds=purity_thresholds(probs, y, CLASSES, TARGET_PURITY))
+
+
+def fit_calibration(x_train: np.ndarray, x_non_transient: np.ndarray, x_val: np.ndarray, real_out: Outputs,
+                    y_real: np.ndarray) -> tuple[float, Calibration]:
+    """Temperature, class bias and purity thresholds from the real-degraded validation outputs; the
+    out-of-distribution score from training transients vs simulated non-transient templates (inputs x [N, 2,
+    n_bins]), thresholded on all validation inputs ``x_val``."""
+    temperature, calibration = fit_probabilities(real_out.logits, y_real)
     ood = fit_out_of_distribution(x_train[:, 0], x_non_transient[:, 0], in_distribution=x_val[:, 0],
                                   quantile=OOD_QUANTILE)
-    return temperature, Calibration(thresholds=thresholds, target_purity=dict(TARGET_PURITY), ood=ood)
+    return temperature, replace(calibration, ood=ood)
 
 
 def object_folds(objects: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -204,11 +215,13 @@ def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path =
     y_val = np.concatenate([s.y for s in sets.values()])
     x_nt = simulate_non_transients(non_transient_templates(data_manifest), ckpt.preprocess)
     # 3. fit
-    temperature, calibration = fit_calibration(tr.x, x_nt, x_val, run_model(net, x_val), y_val)
+    real = sets["real-degraded"]
+    temperature, calibration = fit_calibration(tr.x, x_nt, x_val, run_model(net, real.x), real.y)
     # 4. write
     stem = Path(out) / f"{ckpt.name}-{ckpt.version}"
     extra = {**ckpt.extra, "calibration_fit": {
         "n_train_spectra": int(len(tr.y)), "n_validation_spectra": int(len(y_val)),
+        "probabilities_fitted_on": f"real-degraded ({len(real.y)} spectra)",
         "validation_spectra_dropped_as_leaked": n_leaked,
         "sets": {k: int(len(v.y)) for k, v in sets.items()}, "n_non_transient_simulations": int(len(x_nt)),
         "ood_quantile": OOD_QUANTILE}}
@@ -223,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-manifest", default="../shared/data/manifest.csv")
     args = ap.parse_args(argv)
     ckpt = calibrate(args.model, args.out, data_manifest=args.data_manifest)
-    print(json.dumps({"temperature": ckpt.temperature, "thresholds": ckpt.calibration.thresholds,
+    print(json.dumps({"temperature": ckpt.temperature, "class_bias": ckpt.calibration.class_bias,
+                      "thresholds": ckpt.calibration.thresholds,
                       "ood_threshold": None if ckpt.calibration.ood is None else ckpt.calibration.ood.threshold},
                      indent=2))
     return 0

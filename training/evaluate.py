@@ -18,9 +18,11 @@ Predictors, on identical inputs:
   z (``streamer.science.templates``) with a bank built **without the validation objects**;
 - ``template matcher``: a SNID-style cross-correlation over training-split spectra (``training.baseline``).
 
-Calibration metrics (ECE, the purity thresholds' purity, the out-of-distribution rate on in-taxonomy spectra) are
-cross-fitted: temperature, thresholds and out-of-distribution threshold are refitted on one half of the validation
-objects and scored on the other half, and back, so no number is scored on the spectra it was fitted on.
+The calibration (temperature, class bias, purity thresholds, out-of-distribution threshold) is fitted on the
+real-degraded set (``training.calibrate``), and the class bias moves the top class, so on that set every number that
+uses probabilities (accuracies, macro-F1, purity, ECE, the out-of-distribution rate on in-taxonomy spectra) is
+cross-fitted: the calibration is refitted on one half of the validation objects and scored on the other half, and
+back, so no number is scored on the spectra it was fitted on. The other sets use the checkpoint's calibration as is.
 
 Written to ``--out``: ``metrics.json``, ``confusion.png``, ``confusion_baseline.png``, ``redshift.png``, ``pr.png``,
 ``reliability.png``, ``purity_completeness.png``.
@@ -37,19 +39,19 @@ import numpy as np
 import torch
 from spectranet.streamer.contract.readers import prepare_file, read_spectrum
 from spectranet.streamer.errors import SpectraNetError
-from spectranet.streamer.science.calibration import purity_thresholds
 from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
 from spectranet.streamer.science.preprocess import remove_continuum
 from spectranet.streamer.science.taxonomy import CLASSES
-from spectranet.streamer.science.templates import TemplateBank, refine_redshift
+from spectranet.streamer.science.templates import DEFAULT_WINDOW, TemplateBank, refine_redshift
 from spectranet.training import figures
 from spectranet.training import metrics as M
 from spectranet.training.baseline import build_bank, match
 from spectranet.training.calibrate import (
-    TARGET_PURITY,
+    OOD_QUANTILE,
     EvalSet,
     Outputs,
     evaluation_sets,
+    fit_probabilities,
     non_transient_set,
     object_folds,
     run_model,
@@ -195,9 +197,9 @@ def _cross_fitted(s: EvalSet, out: Outputs, ood_scores: np.ndarray | None, quant
         fit, test = folds != k, folds == k
         if not fit.any() or not test.any():
             continue
-        t = M.fit_temperature(out.logits[fit], s.y[fit])
-        probs[test] = M.softmax(out.logits[test], t)
-        thresholds = purity_thresholds(M.softmax(out.logits[fit], t), s.y[fit], CLASSES, TARGET_PURITY)
+        t, calibration = fit_probabilities(out.logits[fit], s.y[fit])
+        probs[test] = calibration.probabilities(out.logits[test], t, CLASSES)
+        thresholds = calibration.thresholds
         top, p_top = probs[test].argmax(axis=1), probs[test].max(axis=1)
         confident[test] = [CLASSES[c] in thresholds and p >= thresholds[CLASSES[c]] for c, p in zip(top, p_top)]
         if ood_scores is not None:
@@ -213,19 +215,25 @@ def _cross_fitted(s: EvalSet, out: Outputs, ood_scores: np.ndarray | None, quant
 
 
 def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module, baseline: Any,
-                  refine_bank: TemplateBank | None, out: Path, figures_too: bool) -> dict[str, Any]:
+                  refine_bank: TemplateBank | None, out: Path, figures_too: bool, fitted_here: bool) -> dict[str, Any]:
+    """Every predictor on one set. ``fitted_here``: the checkpoint's calibration (temperature, class bias,
+    thresholds, out-of-distribution threshold) was fitted on this very set, so every probability-based number is
+    cross-fitted by object halves instead of using the shipped calibration."""
     o = run_model(net, s.x)
-    probs = M.softmax(o.logits, ckpt.temperature)
+    shipped = ckpt.probabilities(o.logits)
     ood = ckpt.calibration.ood
     ood_scores = None if ood is None else ood.score(s.x[:, 0])
+    cross = _cross_fitted(s, o, ood_scores, OOD_QUANTILE) if fitted_here and len(s.y) >= 20 else None
+    probs = shipped if cross is None else cross["probs"]
     z_ref, method = _refined_z(s, o, probs, refine_bank, ckpt)
     result: dict[str, Any] = {"n": int(len(s.y)), "sources": {k: int(v) for k, v in
-                                                              zip(*np.unique(s.sources, return_counts=True))}}
+                                                              zip(*np.unique(s.sources, return_counts=True))},
+                              "probabilities": "cross-fitted by object halves" if cross is not None
+                              else "the checkpoint's calibration"}
     result["model"] = score(s.y, probs, o.z, s.z)
-    cross = _cross_fitted(s, o, ood_scores, 0.96) if len(s.y) >= 20 else None
-    result["model"]["ece_shipped_temperature"] = M.expected_calibration_error(probs, s.y)
+    result["model"]["ece_shipped_calibration"] = M.expected_calibration_error(shipped, s.y)
+    result["model"]["ece"] = M.expected_calibration_error(probs, s.y)
     if cross is not None:
-        result["model"]["ece"] = cross["ece"]
         result["model"]["calibration_cross_fitted"] = {k: v for k, v in cross.items() if k != "probs"}
     if ood is not None:
         result["model"]["out_of_distribution_flagged"] = float(ood.flag(s.x[:, 0]).mean())
@@ -236,7 +244,7 @@ def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module,
         result["model_refined"]["ece"] = result["model"]["ece"]
     if ckpt.model_config.two_networks and np.isfinite(s.z).all() and len(s.y):
         # the same classifier on the rest frame of the true z: what the redshift network's errors cost it
-        given = M.classification_report(s.y, M.softmax(run_model(net, s.x, z=s.z).logits, ckpt.temperature), CLASSES)
+        given = M.classification_report(s.y, ckpt.probabilities(run_model(net, s.x, z=s.z).logits), CLASSES)
         result["model"]["classifier_given_true_z"] = {k: given[k] for k in (
             "macro_f1", "accuracy", "ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy")}
     z_preds = {"SpectraNet": o.z, "SpectraNet + templates": z_ref}
@@ -261,7 +269,7 @@ def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module,
         known = np.isfinite(s.z)
         figures.plot_redshift(s.z[known], {k: v[known] for k, v in z_preds.items()}, out / "redshift.png")
         figures.plot_pr(s.y, probs, CLASSES, out / "pr.png")
-        figures.plot_reliability(M.softmax(o.logits), cross["probs"] if cross else probs, s.y, out / "reliability.png")
+        figures.plot_reliability(M.softmax(o.logits), probs, s.y, out / "reliability.png")
         figures.plot_purity_completeness(probs[:, _IA], s.y == _IA, out / "purity_completeness.png",
                                          "Ia: purity vs completeness, " + name)
     return result
@@ -291,8 +299,8 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
         "targets": {k: f"{op} {v}" for k, (op, v) in {**TARGETS, **OOD_TARGETS}.items()},
         "baseline": {"method": "SNID-style cross-correlation (r x lap), best template of the training split",
                      "n_templates": 0 if base_bank is None else int(len(base_bank.labels))},
-        "refinement": {"method": "template cross-correlation within 0.03 in ln(1+z) of the network's z, templates of "
-                                 "its two most probable classes",
+        "refinement": {"method": f"template cross-correlation within {DEFAULT_WINDOW} in ln(1+z) of the network's "
+                                 "z, templates of its two most probable classes",
                        "n_templates": 0 if refine_bank is None else int(len(refine_bank.objects)),
                        "excluded_validation_objects": len(val_objects)},
         "validation_spectra_dropped_as_leaked": n_leaked}
@@ -314,7 +322,8 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
         main_name = f"manifest {Path(manifest).name}"
         sets[main_name] = (s, False)
     sets[main_name] = (sets[main_name][0], True)
-    report["sets"] = {name: _evaluate_set(name, s, ckpt, net, base_bank, refine_bank, out, figs)
+    fitted_on = "real-degraded" if manifest is None else None  # where training.calibrate fits the calibration
+    report["sets"] = {name: _evaluate_set(name, s, ckpt, net, base_bank, refine_bank, out, figs, name == fitted_on)
                       for name, (s, figs) in sets.items()}
 
     main = report["sets"][main_name]
@@ -324,8 +333,8 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
     if "classifier_given_true_z" in main["model"]:
         summary["SpectraNet_classifier_given_true_z"] = main["model"]["classifier_given_true_z"]
     summary["ece"] = {"cross_fitted": main["model"].get("ece", math.nan),
-                      "shipped_temperature_on_its_fitting_set": main["model"]["ece_shipped_temperature"],
-                      "temperature": ckpt.temperature}
+                      "shipped_calibration_on_its_fitting_set": main["model"]["ece_shipped_calibration"],
+                      "temperature": ckpt.temperature, "class_bias": ckpt.calibration.class_bias}
     if "baseline" in main:
         summary["baseline"] = _headline(main["baseline"])
         summary["SpectraNet_beats_baseline"] = _beats(summary["SpectraNet + templates"], summary["baseline"])

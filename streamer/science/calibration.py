@@ -1,9 +1,16 @@
 """Calls an astronomer can act on: per-class decision thresholds and an out-of-distribution distance.
 
-The softmax temperature lives on the checkpoint (``Checkpoint.temperature``); this module holds the two decisions made
-on top of the calibrated probabilities, both fitted offline (``spectranet.training.calibrate``) and stored in the
-checkpoint's card under ``"calibration"`` so that the daemon, ``spectranet classify`` and the evaluation apply exactly
-the same rule:
+The softmax temperature lives on the checkpoint (``Checkpoint.temperature``); this module holds the rest, all fitted
+offline (``spectranet.training.calibrate``) and stored in the checkpoint's card under ``"calibration"`` so that the
+daemon, ``spectranet classify`` and the evaluation apply exactly the same rule:
+
+- the calibrated probabilities themselves, ``softmax(logits / T + b)``: ``class_bias`` ``b`` (one logit offset per
+  class, fitted with T on real validation spectra) puts back the class frequencies that the class-balanced training
+  loss takes out (its prior is close to uniform; real spectra are half Ia). Measured on 0.4.0, cross-fitted by object
+  halves of the real-degraded validation set: H-rich vs H-poor 0.784 -> 0.854, ECE 0.057 -> 0.038, macro-F1 0.389 ->
+  0.413 against the temperature alone (``Calibration.probabilities``, the one home of the formula);
+
+and two decisions on top of them:
 
 - ``confident``: the top class's calibrated probability is at least that class's threshold, chosen on validation as the
   lowest probability at which the class's calls reach a target purity (for Ia, 99%: the SNIascore convention).
@@ -76,6 +83,17 @@ class Calibration:
     thresholds: dict[str, float] = field(default_factory=dict)      # class -> minimum probability to be confident
     target_purity: dict[str, float] = field(default_factory=dict)   # class -> purity the threshold was chosen for
     ood: OutOfDistribution | None = None
+    class_bias: dict[str, float] = field(default_factory=dict)      # class -> logit offset after the temperature
+
+    def probabilities(self, logits: np.ndarray, temperature: float, taxonomy: Sequence[str]) -> np.ndarray:
+        """Calibrated class probabilities [B, C] (float64) of logits [B, C] in ``taxonomy`` order:
+        ``softmax(logits / temperature + class_bias)``; a class without a bias gets 0."""
+        bias = np.array([self.class_bias.get(c, 0.0) for c in taxonomy], dtype=np.float64)
+        z = np.asarray(logits, dtype=np.float64) / temperature + bias
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        probs: np.ndarray = e / e.sum(axis=1, keepdims=True)
+        return probs
 
     def confident(self, top_class: str, top_probability: float) -> bool:
         """True when the call reaches its class's purity target; a class without a threshold is never confident."""
@@ -84,7 +102,8 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"thresholds": dict(self.thresholds), "target_purity": dict(self.target_purity),
-                "ood": None if self.ood is None else self.ood.to_dict()}
+                "ood": None if self.ood is None else self.ood.to_dict(),
+                **({"class_bias": dict(self.class_bias)} if self.class_bias else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Calibration:
@@ -92,7 +111,8 @@ class Calibration:
             return cls()
         return cls(thresholds={k: float(v) for k, v in (d.get("thresholds") or {}).items()},
                    target_purity={k: float(v) for k, v in (d.get("target_purity") or {}).items()},
-                   ood=None if d.get("ood") is None else OutOfDistribution.from_dict(d["ood"]))
+                   ood=None if d.get("ood") is None else OutOfDistribution.from_dict(d["ood"]),
+                   class_bias={k: float(v) for k, v in (d.get("class_bias") or {}).items()})
 
 
 def fit_out_of_distribution(transients: np.ndarray, non_transients: np.ndarray, *, in_distribution: np.ndarray,

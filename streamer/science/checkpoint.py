@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from spectranet.streamer.errors import CheckpointError, ConfigError
@@ -54,6 +55,10 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.name} {self.version} does not fit its config: "
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities [B, C] of the network's logits [B, C] (temperature and class bias)."""
+        return self.calibration.probabilities(logits, self.temperature, self.taxonomy)
 
     def card(self) -> dict[str, Any]:
         return {

@@ -175,9 +175,10 @@ class InferenceEngine:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
             out = self.model(host.to(self.device, non_blocking=True))
-            probs = torch.softmax(out.logits.float() / self.checkpoint.temperature, dim=1).cpu().numpy()
+            logits = out.logits.float().cpu().numpy()
             z = out.z_mean.float().cpu().numpy()
             z_err = torch.exp(0.5 * out.z_logvar.float()).cpu().numpy()
+        probs = self.checkpoint.probabilities(logits)
         if not (np.isfinite(probs).all() and np.isfinite(z).all() and np.isfinite(z_err).all()):
             # The daemon splits the batch to find the spectrum responsible and dead-letters it alone.
             raise ValueError("model produced non-finite outputs")
