@@ -309,7 +309,8 @@ def test_check_against_real_kafka_and_postgresql(kafka, database_url: str, topic
     checks = [line.split(":", 1)[0] for line in lines]
     assert checks == ["OK config", "OK kafka broker", f"OK kafka topic {topic_prefix}-in",
                       f"OK kafka topic {topic_prefix}-out", f"OK kafka topic {k.dead_letter_topic}", "OK kafka ACLs",
-                      "OK database", "OK database schema", "OK database privileges", "OK model"], ok.stdout
+                      "OK database", "OK database schema", "OK database privileges", "OK model",
+                      "OK template bank"], ok.stdout
     assert "environment sets" in lines[0] and "database.url" in lines[0]
     assert f"{kafka.bootstrap_servers} reachable" in lines[1]
     assert "at head" in lines[7] and "verified" in lines[9]

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from spectranet.streamer.config import ModelSettings
 from spectranet.streamer.contract.readers import prepare_file, read_spectrum
 from spectranet.streamer.errors import CheckpointError, ConfigError
 from spectranet.streamer.science.checkpoint import load_checkpoint
@@ -26,6 +28,7 @@ from spectranet.streamer.science.templates import (
     refine_redshift,
     save_template_bank,
 )
+from spectranet.streamer.tools.check import _template_bank_check
 from spectranet.training.data import ManifestEntry, object_key
 from spectranet.training.template_bank import (
     BankSettings,
@@ -352,3 +355,17 @@ def test_the_engine_refuses_a_bank_it_cannot_use(bank):
         InferenceEngine(robust, device="cpu", warmup=False, templates=bank)
     with pytest.raises(ConfigError, match="template_top_k"):
         InferenceEngine(ckpt, device="cpu", warmup=False, templates=bank, template_top_k=0)
+
+
+def test_spectranet_check_reports_the_template_bank_the_daemon_would_use(bank, tmp_path):
+    shipped = _template_bank_check(ModelSettings())
+    assert shipped.ok and f"{len(load_template_bank(default_template_bank_path()).objects)} template epochs" \
+        in shipped.detail
+    off = _template_bank_check(ModelSettings(templates="none"))
+    assert off.ok and "off" in off.detail
+    missing = _template_bank_check(ModelSettings(templates=str(tmp_path / "missing.npz")))
+    assert not missing.ok and "missing.npz" in missing.detail and "SPECTRANET_MODEL__TEMPLATES" in missing.line()
+    other_grid = dataclasses.replace(bank, grid=dataclasses.replace(REST, wave_max=REST.wave_max * 1.1))
+    save_template_bank(other_grid, tmp_path / "other.npz")
+    wrong = _template_bank_check(ModelSettings(templates=str(tmp_path / "other.npz")))
+    assert not wrong.ok and "differs from the input grid" in wrong.detail and wrong.fix

@@ -38,8 +38,8 @@ from spectranet.streamer.science.templates import (
     refine_redshift,
 )
 
-__all__ = ["Prediction", "InferenceEngine", "select_device", "TEMPLATES_DEFAULT", "TEMPLATES_OFF",
-           "resolve_template_bank"]
+__all__ = ["Prediction", "InferenceEngine", "select_device", "check_bank_fits", "TEMPLATES_DEFAULT",
+           "TEMPLATES_OFF", "resolve_template_bank"]
 
 TEMPLATES_DEFAULT = ""     # the template bank shipped in the package
 TEMPLATES_OFF = "none"     # no template refinement
@@ -79,7 +79,7 @@ def resolve_template_bank(setting: str, checkpoint: Checkpoint) -> TemplateBank 
         return None
     bank = load_template_bank(default_template_bank_path() if value == TEMPLATES_DEFAULT else value)
     try:
-        _check_bank_fits(bank, checkpoint)
+        check_bank_fits(bank, checkpoint)
     except ConfigError as exc:
         if value != TEMPLATES_DEFAULT:
             raise
@@ -89,7 +89,8 @@ def resolve_template_bank(setting: str, checkpoint: Checkpoint) -> TemplateBank 
     return bank
 
 
-def _check_bank_fits(bank: TemplateBank, checkpoint: Checkpoint) -> None:
+def check_bank_fits(bank: TemplateBank, checkpoint: Checkpoint) -> None:
+    """ConfigError unless ``bank`` can refine ``checkpoint``'s redshifts (continuum normalisation, the same grid)."""
     if checkpoint.preprocess.normalisation != "continuum":
         raise ConfigError(f"template refinement needs continuum normalisation; checkpoint {checkpoint.name} "
                           f"{checkpoint.version} uses {checkpoint.preprocess.normalisation!r}")
@@ -119,7 +120,7 @@ class InferenceEngine:
         in ln(1 + z) of the network's redshift. The bank must fit the checkpoint's grid and the checkpoint must use
         continuum normalisation (the refinement correlates continuum-removed spectra)."""
         if templates is not None:
-            _check_bank_fits(templates, checkpoint)
+            check_bank_fits(templates, checkpoint)
         ood = checkpoint.calibration.ood
         if ood is not None and ood.mean.shape != (checkpoint.model_config.n_bins,):
             raise CheckpointError(f"checkpoint {checkpoint.name} {checkpoint.version}: its out-of-distribution model "

@@ -16,6 +16,9 @@ Each line is ``OK|FAIL <check>: <detail> [-> fix]``; the command exits 0 only if
 - ``database privileges``: the daemon's role may SELECT and INSERT its tables and SELECT the views (PostgreSQL's
   ``has_table_privilege``), and CREATE in its schema when it migrates on start; for SQLite, the file is writable.
 - ``model``: the checkpoint loads, its weights match the SHA-256 in its card, and they fit its config.
+- ``template bank``: the bank ``model.templates`` names (the shipped one by default) loads and fits the model's grid,
+  or refinement is off ("none"); a shipped bank that does not fit is a failure here, where the daemon would only warn
+  and leave redshifts unrefined.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.kafka_io import KafkaWatch, make_admin
 from spectranet.streamer.runtime.logs import Problem, describe_database_error, redacted_url, setting_names
 from spectranet.streamer.science.checkpoint import default_checkpoint_path, load_checkpoint
+from spectranet.streamer.science.inference import TEMPLATES_DEFAULT, TEMPLATES_OFF, check_bank_fits
+from spectranet.streamer.science.templates import default_template_bank_path, load_template_bank
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -78,7 +83,10 @@ def run_checks(*, config_file: Path | None = None, timeout_s: float = 10.0) -> I
     yield CheckResult.passed("config", _sources(config_file))
     yield from _kafka_checks(settings.kafka, timeout_s=timeout_s)
     yield from _database_checks(settings.database)
-    yield _model_check(settings.model)
+    model = _model_check(settings.model)
+    yield model
+    if model.ok:
+        yield _template_bank_check(settings.model)
 
 
 # --- configuration ----------------------------------------------------------------------------------------------
@@ -287,3 +295,18 @@ def _model_check(m: ModelSettings) -> CheckResult:
                                                    "or unset it for the shipped model"))
     return CheckResult.passed("model", f"{checkpoint.name} {checkpoint.version} from {path}: weights SHA-256 "
                                        f"{checkpoint.weights_sha256[:12]}... verified")
+
+
+def _template_bank_check(m: ModelSettings) -> CheckResult:
+    setting = m.templates.strip()
+    if setting.lower() == TEMPLATES_OFF:
+        return CheckResult.passed("template bank", "off (model.templates = none): redshifts are the network's")
+    fix = ("point it at a template bank (.npz) built for this model's grid, unset it for the shipped one, or set "
+           "'none' to turn refinement off")
+    try:
+        path = default_template_bank_path() if setting == TEMPLATES_DEFAULT else Path(setting)
+        bank = load_template_bank(path)
+        check_bank_fits(bank, load_checkpoint(m.path if m.path is not None else default_checkpoint_path()))
+    except (CheckpointError, ConfigError) as exc:
+        return CheckResult.failed("template bank", Problem(str(exc), setting_names("model.templates"), fix))
+    return CheckResult.passed("template bank", f"{len(bank.objects)} template epochs from {path}, fit the model's grid")
