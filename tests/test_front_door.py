@@ -125,6 +125,19 @@ def test_run_without_a_database_says_so_without_the_password(tmp_path: Path) -> 
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["db", "grant", "--role", "spectranet_daemon"], ["dlq", "list"]])
+def test_database_commands_without_a_database_say_so_in_one_line(tmp_path: Path, command: list[str]) -> None:
+    url = f"postgresql+psycopg://spectranet:{SECRET}@{_closed_port()}/spectranet"
+    proc = subprocess.run([*CLI, *command], cwd=tmp_path, env=_env(tmp_path, SPECTRANET_DATABASE__URL=url),
+                          capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert SECRET not in output
+    lines = [line for line in output.splitlines() if DATABASE_SETTING in line]
+    assert len(lines) == 1 and "unreachable" in lines[0] and "spectranet:***@" in lines[0], output
+    assert "Traceback" not in output
+
+
 def test_repeats_are_rate_limited_with_a_count() -> None:
     limit = RateLimitFilter(0.3)
     logger = logging.getLogger("tests.front_door.rate_limit")
