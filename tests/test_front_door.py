@@ -125,7 +125,8 @@ def test_run_without_a_database_says_so_without_the_password(tmp_path: Path) -> 
     assert "Traceback" not in output
 
 
-@pytest.mark.parametrize("command", [["db", "upgrade"], ["db", "grant", "--role", "spectranet_daemon"], ["dlq", "list"]])
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["db", "grant", "--role", "spectranet_daemon"],
+                                     ["dlq", "list"]])
 def test_database_commands_without_a_database_say_so_in_one_line(tmp_path: Path, command: list[str]) -> None:
     url = f"postgresql+psycopg://spectranet:{SECRET}@{_closed_port()}/spectranet"
     proc = subprocess.run([*CLI, *command], cwd=tmp_path, env=_env(tmp_path, SPECTRANET_DATABASE__URL=url),

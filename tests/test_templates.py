@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from spectranet.streamer.config import ModelSettings
 from spectranet.streamer.contract.readers import prepare_file, read_spectrum
 from spectranet.streamer.errors import CheckpointError, ConfigError
 from spectranet.streamer.science.checkpoint import load_checkpoint
-from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.inference import RECLASSIFY_SHIFT, InferenceEngine
 from spectranet.streamer.science.preprocess import Grid, PreprocessConfig, prepare
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.streamer.science.templates import (
@@ -333,10 +334,15 @@ def test_the_engine_refines_with_a_bank_and_keeps_the_network_estimate(real_spec
     ckpt = load_checkpoint()
     shipped = load_template_bank(default_template_bank_path())
     plain = InferenceEngine(ckpt, device="cpu", warmup=False).predict(real_spectra)
-    refined = InferenceEngine(ckpt, device="cpu", warmup=False, templates=shipped).predict(real_spectra)
-    methods = set()
-    for a, b in zip(plain, refined):
-        assert b.probabilities == a.probabilities and b.z_network == a.z
+    engine = InferenceEngine(ckpt, device="cpu", warmup=False, templates=shipped)
+    refined = engine.predict(real_spectra)
+    x = np.stack([p.model_input() for p in real_spectra])
+    with torch.inference_mode():
+        at_refined_z = ckpt.probabilities(ckpt.build_model().eval()(
+            torch.from_numpy(x), torch.tensor([b.z for b in refined], dtype=torch.float32)).logits.numpy())
+    methods, moved = set(), 0
+    for i, (a, b) in enumerate(zip(plain, refined)):
+        assert b.z_network == a.z
         methods.add(b.z_method)
         if b.z_method == METHOD_TEMPLATE:
             assert abs(math.log1p(b.z) - math.log1p(b.z_network)) <= DEFAULT_WINDOW + 1e-9
@@ -345,7 +351,13 @@ def test_the_engine_refines_with_a_bank_and_keeps_the_network_estimate(real_spec
             assert b.z_err > 0
         else:
             assert b.template is None and b.z == a.z and b.z_err == a.z_err
+        if b.z_method == METHOD_TEMPLATE and abs(math.log1p(b.z) - math.log1p(b.z_network)) >= RECLASSIFY_SHIFT:
+            moved += 1  # classified again on the rest frame of the refined z
+            np.testing.assert_allclose([b.probabilities[c] for c in CLASSES], at_refined_z[i], atol=1e-5)
+        else:
+            assert b.probabilities == a.probabilities
     assert METHOD_TEMPLATE in methods  # these are real supernova spectra: most match
+    assert moved >= 1 and engine.outputs(x).reclassified.sum() == moved  # 3 of these 5 with 0.4.0
 
 
 def test_the_engine_refuses_a_bank_it_cannot_use(bank):

@@ -7,7 +7,12 @@ the GPU runs out of memory the batch is split and the maximum batch size halves 
 With a template bank (``templates=``) the network's redshift becomes a prior that template cross-correlation refines
 on the CPU (``spectranet.streamer.science.templates``): ``Prediction.z`` is then the refined redshift where a template
 matched well (``z_method == "template"``, ``template`` names it) and the network's otherwise; ``z_network`` always
-keeps the network's own estimate.
+keeps the network's own estimate. Where the refined redshift moved at least ``RECLASSIFY_SHIFT`` (0.02) in ln(1 + z)
+from the network's, a two-network model's classifier runs again on the rest frame of the refined redshift, and the
+probabilities are those. Measured with 0.4.0 on its 1,935 real-degraded validation spectra (calibration cross-fitted
+by object halves; 29% of them classified again, +0.6 ms per spectrum): Ia vs non-Ia 0.830 -> 0.847, H-rich vs H-poor
+0.858 -> 0.864, macro-F1 0.389 -> 0.402, Ia purity at 90% completeness 0.822 -> 0.835; classifying every refined
+spectrum again (78%) gained no more, and on the simulated set either was within 0.01 of the network's own rest frame.
 
 The checkpoint's calibration (``Checkpoint.calibration``) adds the two decisions an astronomer acts on, computed here so
 that the daemon and ``spectranet classify`` apply the same rule: ``confident`` (the top class's probability reaches its
@@ -19,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ from spectranet.streamer.science.templates import (
     DEFAULT_WINDOW,
     METHOD_NETWORK,
     METHOD_TEMPLATE,
+    Refinement,
     TemplateBank,
     TemplateMatch,
     default_template_bank_path,
@@ -38,13 +44,28 @@ from spectranet.streamer.science.templates import (
     refine_redshift,
 )
 
-__all__ = ["Prediction", "InferenceEngine", "select_device", "check_bank_fits", "TEMPLATES_DEFAULT",
-           "TEMPLATES_OFF", "resolve_template_bank"]
+__all__ = ["Prediction", "EngineOutputs", "InferenceEngine", "RECLASSIFY_SHIFT", "select_device", "check_bank_fits",
+           "TEMPLATES_DEFAULT", "TEMPLATES_OFF", "resolve_template_bank"]
 
 TEMPLATES_DEFAULT = ""     # the template bank shipped in the package
+RECLASSIFY_SHIFT = 0.02    # ln(1 + z): a refined redshift this far from the network's is classified again (docstring)
 TEMPLATES_OFF = "none"     # no template refinement
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class EngineOutputs:
+    """Per-spectrum arrays of one ``InferenceEngine.outputs`` call, length B."""
+
+    logits: np.ndarray              # [B, C] of the classification the predictions report (at the final z)
+    z: np.ndarray                   # final redshift (template-refined where a template matched, else the network's)
+    z_err: np.ndarray
+    z_network: np.ndarray           # the network's own redshift (>= 0)
+    z_network_err: np.ndarray
+    refinement: Refinement | None   # None without a template bank
+    reclassified: np.ndarray        # bool: classified again at the refined redshift
+    out_of_distribution: np.ndarray  # bool
 
 
 @dataclass(frozen=True)
@@ -151,12 +172,77 @@ class InferenceEngine:
 
     def predict_arrays(self, x: np.ndarray) -> list[Prediction]:
         """``x``: float32 [B, 2, n_bins] (normalised flux, coverage)."""
-        out: list[Prediction] = []
-        start = 0
-        while start < len(x):
-            chunk = x[start:start + self.max_forward_batch]
+        if not len(x):
+            return []
+        out = self.outputs(x)
+        probs = self.checkpoint.probabilities(out.logits)
+        n = len(self.taxonomy)
+        entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(n)
+        calibration = self.checkpoint.calibration
+        has_thresholds = bool(calibration.thresholds)
+        preds = []
+        for i, p in enumerate(probs):
+            top = int(p.argmax())
+            top_class, top_probability = self.taxonomy[top], float(p[top])
+            match = None if out.refinement is None or self.templates is None else \
+                out.refinement.match(i, self.templates)
+            preds.append(Prediction(
+                probabilities={c: float(v) for c, v in zip(self.taxonomy, p)},
+                top_class=top_class, top_probability=top_probability,
+                z=float(out.z[i]), z_err=float(out.z_err[i]), ood_score=float(entropy[i]),
+                z_network=float(out.z_network[i]), z_method=METHOD_NETWORK if match is None else METHOD_TEMPLATE,
+                template=match,
+                confident=calibration.confident(top_class, top_probability) if has_thresholds else None,
+                out_of_distribution=bool(out.out_of_distribution[i]),
+            ))
+        return preds
+
+    def outputs(self, x: np.ndarray) -> EngineOutputs:
+        """The arrays behind ``predict_arrays``: the network on every spectrum; with a template bank, its redshift
+        refined and, where the refined redshift moved at least ``RECLASSIFY_SHIFT`` in ln(1 + z), the classifier run
+        again on the rest frame of the refined redshift (two-network models). ``spectranet.training`` calibrates and
+        evaluates on exactly these logits."""
+        logits, z, z_err = self._chunked(self._network, x)
+        if not (np.isfinite(logits).all() and np.isfinite(z).all() and np.isfinite(z_err).all()):
+            # The daemon splits the batch to find the spectrum responsible and dead-letters it alone.
+            raise ValueError("model produced non-finite outputs")
+        z_network = np.maximum(z, 0.0)
+        ood = self.checkpoint.calibration.ood
+        outside = np.zeros(len(x), dtype=bool) if ood is None else ood.flag(x[:, 0])  # input flux, as fitted
+        refinement, final_z, final_err = None, z_network, z_err
+        again = np.zeros(len(x), dtype=bool)
+        if self.templates is not None:
+            classes = None
+            if self.template_top_k is not None:
+                probs = self.checkpoint.probabilities(logits)  # calibrated: the class bias can change the order
+                order = np.argsort(-probs, axis=1, kind="stable")[:, :self.template_top_k]
+                classes = [[self.taxonomy[j] for j in row] for row in order]
+            refinement = refine_redshift(x[:, 0], x[:, 1] > 0.5, z_network, self.templates,
+                                         self.checkpoint.preprocess.grid, window=self.template_window,
+                                         classes=classes)
+            used = refinement.method == METHOD_TEMPLATE
+            final_z = np.where(used, np.maximum(refinement.z, 0.0), z_network)
+            final_err = np.where(used, refinement.z_err, z_err)
+            if self.checkpoint.model_config.two_networks:
+                again = used & (np.abs(np.log1p(final_z) - np.log1p(z_network)) >= RECLASSIFY_SHIFT)
+                if again.any():
+                    (redone,) = self._chunked(self._classify_at, x[again], final_z[again])
+                    if not np.isfinite(redone).all():
+                        raise ValueError("model produced non-finite outputs")
+                    logits = logits.copy()
+                    logits[again] = redone
+        return EngineOutputs(logits=logits, z=final_z, z_err=final_err, z_network=z_network, z_network_err=z_err,
+                             refinement=refinement, reclassified=again, out_of_distribution=outside)
+
+    def _chunked(self, fn: Callable[..., tuple[np.ndarray, ...]], *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``fn`` over chunks of at most ``max_forward_batch`` rows, results concatenated; when CUDA runs out of
+        memory the chunk is retried at half the size, and the maximum stays halved for the rest of the run."""
+        parts: list[tuple[np.ndarray, ...]] = []
+        start, n = 0, len(arrays[0])
+        while start < n:
+            stop = start + self.max_forward_batch
             try:
-                out.extend(self._run(chunk))
+                parts.append(fn(*(a[start:stop] for a in arrays)))
             except torch.cuda.OutOfMemoryError:
                 if self.max_forward_batch == 1:
                     raise
@@ -164,58 +250,26 @@ class InferenceEngine:
                 log.warning("CUDA out of memory; maximum batch size halved to %d", self.max_forward_batch)
                 torch.cuda.empty_cache()
                 continue
-            start += len(chunk)
-        if self.templates is not None and out:
-            out = self._refine(x, out, self.templates)  # once per call: the refinement amortises over the batch
-        return out
+            start = stop
+        return tuple(np.concatenate(cols) for cols in zip(*parts))
 
-    def _run(self, chunk: np.ndarray) -> list[Prediction]:
-        host = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
         if self._pin:
             host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def _network(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits [b, C], z [b], z_err [b]) of the whole network."""
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
-            out = self.model(host.to(self.device, non_blocking=True))
-            logits = out.logits.float().cpu().numpy()
-            z = out.z_mean.float().cpu().numpy()
-            z_err = torch.exp(0.5 * out.z_logvar.float()).cpu().numpy()
-        probs = self.checkpoint.probabilities(logits)
-        if not (np.isfinite(probs).all() and np.isfinite(z).all() and np.isfinite(z_err).all()):
-            # The daemon splits the batch to find the spectrum responsible and dead-letters it alone.
-            raise ValueError("model produced non-finite outputs")
-        n = len(self.taxonomy)
-        entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(n)
-        calibration = self.checkpoint.calibration
-        has_thresholds = bool(calibration.thresholds)
-        outside = (np.zeros(len(chunk), dtype=bool) if calibration.ood is None
-                   else calibration.ood.flag(chunk[:, 0]))  # on the input's flux channel, as it was fitted
-        preds = []
-        for p, zi, ei, h, far in zip(probs, z, z_err, entropy, outside):
-            top = int(p.argmax())
-            top_class, top_probability = self.taxonomy[top], float(p[top])
-            preds.append(Prediction(
-                probabilities={c: float(v) for c, v in zip(self.taxonomy, p)},
-                top_class=top_class, top_probability=top_probability,
-                z=float(max(zi, 0.0)), z_err=float(ei), ood_score=float(h),
-                confident=calibration.confident(top_class, top_probability) if has_thresholds else None,
-                out_of_distribution=bool(far),
-            ))
-        return preds
+            out = self.model(self._to_device(chunk))
+            return (out.logits.float().cpu().numpy(), out.z_mean.float().cpu().numpy(),
+                    torch.exp(0.5 * out.z_logvar.float()).cpu().numpy())
 
-    def _refine(self, x: np.ndarray, preds: list[Prediction], bank: TemplateBank) -> list[Prediction]:
-        """The network's predictions with their redshifts refined by ``bank`` where a template matches well,
-        templates limited to each spectrum's ``template_top_k`` most probable classes."""
-        classes = None
-        if self.template_top_k is not None:
-            classes = [sorted(p.probabilities, key=p.probabilities.__getitem__, reverse=True)[:self.template_top_k]
-                       for p in preds]
-        z_net = np.array([p.z for p in preds])
-        refined = refine_redshift(x[:, 0], x[:, 1] > 0.5, z_net, bank, self.checkpoint.preprocess.grid,
-                                  window=self.template_window, classes=classes)
-        out = []
-        for i, p in enumerate(preds):
-            match = refined.match(i, bank)
-            out.append(p if match is None else replace(
-                p, z=float(max(refined.z[i], 0.0)), z_err=float(refined.z_err[i]), z_method=METHOD_TEMPLATE,
-                template=match))
-        return out
+    def _classify_at(self, chunk: np.ndarray, z: np.ndarray) -> tuple[np.ndarray]:
+        """Logits [b, C] of the classifier on the rest frame of redshifts ``z`` [b]."""
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.device.type == "cuda"):
+            logits = self.model.classify_at(self._to_device(chunk), self._to_device(z))
+            return (logits.float().cpu().numpy(),)

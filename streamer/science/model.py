@@ -208,11 +208,21 @@ class SpectraNet(nn.Module):
         if self.rest_net is None:
             return ModelOutput(logits=self._classify(h), z_mean=z_mean, z_logvar=z_logvar, features=h)
         own = z_mean.detach()
-        shift = (own if z is None else torch.where(torch.isnan(z), own, z)).clamp(0.0, self.config.max_shift_z)
-        rest = rest_frame_view(x, shift, log_step=self.config.log_step, rest_bins=self.config.rest_bins)
+        logits, h_rest = self._classify_rest_frame(x, own if z is None else torch.where(torch.isnan(z), own, z))
+        return ModelOutput(logits=logits, z_mean=z_mean, z_logvar=z_logvar, features=h_rest)
+
+    def classify_at(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n_classes] of the classifier on the rest-frame view of ``x`` at redshifts ``z`` [B] (two
+        networks only), without running the redshift network: how a refined redshift is classified again."""
+        return self._classify_rest_frame(x, z)[0]
+
+    def _classify_rest_frame(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rest_net is None:
+            raise TypeError("classify_at needs a two-network model (its classifier reads the rest frame)")
+        rest = rest_frame_view(x, z.clamp(0.0, self.config.max_shift_z), log_step=self.config.log_step,
+                               rest_bins=self.config.rest_bins)
         h_rest = self.rest_net.features(rest)                      # [B, hidden]
-        return ModelOutput(logits=self.rest_net._classify(h_rest), z_mean=z_mean, z_logvar=z_logvar,
-                           features=h_rest)
+        return self.rest_net._classify(h_rest), h_rest
 
 
 def count_parameters(model: nn.Module) -> int:
