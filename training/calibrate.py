@@ -9,7 +9,9 @@ Reads top to bottom:
    validation spectra as **real-degraded** (real observed spectra at their own redshift, degraded to SEDM) and as
    **simulated** (rest-frame templates at drawn redshifts); see ``evaluation_sets``.
 3. fit on validation: the softmax temperature and class bias (NLL, ``metrics.fit_temperature_and_bias``) and the
-   per-class thresholds for the target purities (``TARGET_PURITY``) on the **real-degraded** set (real spectra: the
+   per-class thresholds for the target purities (``TARGET_PURITY``) on the logits the daemon computes (the engine with
+   the template bank built without the validation objects: refined z, classified again where it moved) of the
+   **real-degraded** set (real spectra: the
    class mix and the look of what the daemon sees; templates at drawn redshifts are neither), and the
    out-of-distribution threshold (``OOD_QUANTILE`` of in-taxonomy validation scores, both sets).
 4. write the checkpoint again with the temperature and ``calibration`` in its card (weights unchanged).
@@ -30,16 +32,19 @@ import torch
 from spectranet.streamer.errors import PreprocessError, SpectraNetError
 from spectranet.streamer.science.calibration import Calibration, fit_out_of_distribution, purity_thresholds
 from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from spectranet.streamer.science.preprocess import PreprocessConfig
+from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.preprocess import Grid, PreprocessConfig
 from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.streamer.science.templates import TemplateBank
 from spectranet.training import metrics as M
 from spectranet.training.data import Spectrum, drop_leaked, read_manifest
 from spectranet.training.simulate import SEDM_DEFAULT, simulate_input
+from spectranet.training.template_bank import build_template_bank
 from spectranet.training.train import TrainConfig, load_split
 
 __all__ = ["TARGET_PURITY", "OOD_QUANTILE", "OBSERVED_SOURCES", "Outputs", "EvalSet", "evaluation_sets",
            "non_transient_templates", "simulate_non_transients", "non_transient_set", "run_model", "fit_probabilities",
-           "fit_calibration",
+           "fit_calibration", "validation_template_bank", "final_engine",
            "object_folds", "calibrate"]
 
 TARGET_PURITY = {"Ia": 0.99, **{c: 0.90 for c in CLASSES if c != "Ia"}}
@@ -180,12 +185,27 @@ def fit_probabilities(logits: np.ndarray, y: np.ndarray) -> tuple[float, Calibra
     return temperature, replace(calibration, thresholds=purity_thresholds(probs, y, CLASSES, TARGET_PURITY))
 
 
-def fit_calibration(x_train: np.ndarray, x_non_transient: np.ndarray, x_val: np.ndarray, real_out: Outputs,
+def validation_template_bank(data_manifest: str | Path, grid: Grid, val: list[Spectrum]) -> TemplateBank | None:
+    """The refinement's template bank built from the manifest without the validation objects (None when the
+    manifest has no template files, as in the unit tests' tiny data)."""
+    try:
+        return build_template_bank(read_manifest(data_manifest), grid, exclude=sorted({s.object_id for s in val}))
+    except SpectraNetError:
+        return None
+
+
+def final_engine(ckpt: Checkpoint, bank: TemplateBank | None) -> InferenceEngine:
+    """The daemon's inference on ``ckpt`` with ``bank``: ``.outputs(x).logits`` are the logits its probabilities come
+    from (at the refined redshift where the templates moved it), which is what calibration is fitted on."""
+    return InferenceEngine(ckpt, device="cpu", warmup=False, templates=bank, cpu_forward_batch=64)
+
+
+def fit_calibration(x_train: np.ndarray, x_non_transient: np.ndarray, x_val: np.ndarray, real_logits: np.ndarray,
                     y_real: np.ndarray) -> tuple[float, Calibration]:
-    """Temperature, class bias and purity thresholds from the real-degraded validation outputs; the
-    out-of-distribution score from training transients vs simulated non-transient templates (inputs x [N, 2,
+    """Temperature, class bias and purity thresholds from the final logits of the real-degraded validation spectra;
+    the out-of-distribution score from training transients vs simulated non-transient templates (inputs x [N, 2,
     n_bins]), thresholded on all validation inputs ``x_val``."""
-    temperature, calibration = fit_probabilities(real_out.logits, y_real)
+    temperature, calibration = fit_probabilities(real_logits, y_real)
     ood = fit_out_of_distribution(x_train[:, 0], x_non_transient[:, 0], in_distribution=x_val[:, 0],
                                   quantile=OOD_QUANTILE)
     return temperature, replace(calibration, ood=ood)
@@ -216,12 +236,15 @@ def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path =
     x_nt = simulate_non_transients(non_transient_templates(data_manifest), ckpt.preprocess)
     # 3. fit
     real = sets["real-degraded"]
-    temperature, calibration = fit_calibration(tr.x, x_nt, x_val, run_model(net, real.x), real.y)
+    engine = final_engine(ckpt, validation_template_bank(data_manifest, ckpt.preprocess.grid, val))
+    temperature, calibration = fit_calibration(tr.x, x_nt, x_val, engine.outputs(real.x).logits, real.y)
     # 4. write
     stem = Path(out) / f"{ckpt.name}-{ckpt.version}"
     extra = {**ckpt.extra, "calibration_fit": {
         "n_train_spectra": int(len(tr.y)), "n_validation_spectra": int(len(y_val)),
-        "probabilities_fitted_on": f"real-degraded ({len(real.y)} spectra)",
+        "probabilities_fitted_on": f"real-degraded ({len(real.y)} spectra), logits as the daemon computes them "
+                                   f"(refined z, classified again where it moved; bank without validation objects: "
+                                   f"{'yes' if engine.templates is not None else 'no bank'})",
         "validation_spectra_dropped_as_leaked": n_leaked,
         "sets": {k: int(len(v.y)) for k, v in sets.items()}, "n_non_transient_simulations": int(len(x_nt)),
         "ood_quantile": OOD_QUANTILE}}

@@ -14,8 +14,9 @@ plus the real **non-transients** (M dwarfs, galaxies, AGN), scored only for the 
 Predictors, on identical inputs:
 
 - ``SpectraNet``: the network alone (classes, its redshift network's z);
-- ``SpectraNet + templates``: the same classes, redshift refined by template cross-correlation around the network's
-  z (``streamer.science.templates``) with a bank built **without the validation objects**;
+- ``SpectraNet + templates``: what the daemon outputs (``InferenceEngine.outputs``): the redshift refined by
+  template cross-correlation around the network's z (``streamer.science.templates``) with a bank built **without the
+  validation objects**, and the classes from the classifier run again at the refined z where it moved;
 - ``template matcher``: a SNID-style cross-correlation over training-split spectra (``training.baseline``).
 
 The calibration (temperature, class bias, purity thresholds, out-of-distribution threshold) is fitted on the
@@ -40,24 +41,25 @@ import torch
 from spectranet.streamer.contract.readers import prepare_file, read_spectrum
 from spectranet.streamer.errors import SpectraNetError
 from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
+from spectranet.streamer.science.inference import RECLASSIFY_SHIFT, InferenceEngine
 from spectranet.streamer.science.preprocess import remove_continuum
 from spectranet.streamer.science.taxonomy import CLASSES
-from spectranet.streamer.science.templates import DEFAULT_WINDOW, TemplateBank, refine_redshift
+from spectranet.streamer.science.templates import DEFAULT_WINDOW
 from spectranet.training import figures
 from spectranet.training import metrics as M
 from spectranet.training.baseline import build_bank, match
 from spectranet.training.calibrate import (
     OOD_QUANTILE,
     EvalSet,
-    Outputs,
     evaluation_sets,
+    final_engine,
     fit_probabilities,
     non_transient_set,
     object_folds,
     run_model,
+    validation_template_bank,
 )
-from spectranet.training.data import Spectrum, drop_leaked, read_labelled_entries, read_manifest
-from spectranet.training.template_bank import build_template_bank
+from spectranet.training.data import Spectrum, drop_leaked, read_labelled_entries
 from spectranet.training.train import TrainConfig, load_split
 
 __all__ = ["TARGETS", "evaluate", "score", "targets_met", "ia_purity_at_completeness"]
@@ -155,18 +157,6 @@ def _bank_templates(train: list[Spectrum], max_templates: int, seed: int = 0) ->
     return [train[i] for i in sorted(chosen)]
 
 
-def _refined_z(s: EvalSet, out: Outputs, probs: np.ndarray, bank: TemplateBank | None,
-               ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
-    """(z, method) of the template refinement around the network's z, templates of its two most probable classes."""
-    if bank is None or not len(s.y):
-        return out.z, np.array(["network"] * len(s.y))
-    top2 = np.argsort(-probs, axis=1)[:, :2]
-    classes = [frozenset(CLASSES[i] for i in row) for row in top2]
-    ref = refine_redshift(_continuum_removed(s.x, ckpt), s.x[:, 1] > 0, out.z, bank, ckpt.preprocess.grid,
-                          classes=classes)
-    return ref.z, ref.method
-
-
 def _stacked(s: EvalSet, logits: np.ndarray, match_evidence: np.ndarray) -> np.ndarray:
     """Probabilities of a multinomial logistic stacker on [network logits, matcher class x score], fitted on one half
     of the objects and applied to the other, and back: does the template evidence add to the network's?"""
@@ -186,19 +176,19 @@ def _stacked(s: EvalSet, logits: np.ndarray, match_evidence: np.ndarray) -> np.n
     return out
 
 
-def _cross_fitted(s: EvalSet, out: Outputs, ood_scores: np.ndarray | None, quantile: float) -> dict[str, Any]:
-    """ECE, purity of the thresholded calls, and the in-taxonomy out-of-distribution rate, each fitted on one half of
-    the objects and scored on the other."""
+def _cross_fitted(s: EvalSet, logits: np.ndarray, ood_scores: np.ndarray | None, quantile: float) -> dict[str, Any]:
+    """Probabilities, ECE, purity of the thresholded calls, and the in-taxonomy out-of-distribution rate, each fitted
+    on one half of the objects and scored on the other."""
     folds = object_folds(s.objects)
-    probs = np.zeros_like(out.logits)
+    probs = np.zeros_like(logits)
     confident = np.zeros(len(s.y), bool)
     flagged = np.zeros(len(s.y), bool)
     for k in (0, 1):
         fit, test = folds != k, folds == k
         if not fit.any() or not test.any():
             continue
-        t, calibration = fit_probabilities(out.logits[fit], s.y[fit])
-        probs[test] = calibration.probabilities(out.logits[test], t, CLASSES)
+        t, calibration = fit_probabilities(logits[fit], s.y[fit])
+        probs[test] = calibration.probabilities(logits[test], t, CLASSES)
         thresholds = calibration.thresholds
         top, p_top = probs[test].argmax(axis=1), probs[test].max(axis=1)
         confident[test] = [CLASSES[c] in thresholds and p >= thresholds[CLASSES[c]] for c, p in zip(top, p_top)]
@@ -215,39 +205,45 @@ def _cross_fitted(s: EvalSet, out: Outputs, ood_scores: np.ndarray | None, quant
 
 
 def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module, baseline: Any,
-                  refine_bank: TemplateBank | None, out: Path, figures_too: bool, fitted_here: bool) -> dict[str, Any]:
-    """Every predictor on one set. ``fitted_here``: the checkpoint's calibration (temperature, class bias,
-    thresholds, out-of-distribution threshold) was fitted on this very set, so every probability-based number is
-    cross-fitted by object halves instead of using the shipped calibration."""
+                  engine: InferenceEngine, out: Path, figures_too: bool, fitted_here: bool) -> dict[str, Any]:
+    """Every predictor on one set: the network alone (its logits and redshift), ``engine`` (the daemon's inference
+    with the template bank: refined z, classified again where it moved), the template matcher, the stacker.
+    ``fitted_here``: the checkpoint's calibration (temperature, class bias, thresholds, out-of-distribution threshold)
+    was fitted on this very set, so every probability-based number is cross-fitted by object halves instead of using
+    the shipped calibration."""
     o = run_model(net, s.x)
-    shipped = ckpt.probabilities(o.logits)
+    final = engine.outputs(s.x)
     ood = ckpt.calibration.ood
     ood_scores = None if ood is None else ood.score(s.x[:, 0])
-    cross = _cross_fitted(s, o, ood_scores, OOD_QUANTILE) if fitted_here and len(s.y) >= 20 else None
+    fitted = fitted_here and len(s.y) >= 20
+    cross = _cross_fitted(s, final.logits, ood_scores, OOD_QUANTILE) if fitted else None
+    probs_net = _cross_fitted(s, o.logits, None, OOD_QUANTILE)["probs"] if fitted else ckpt.probabilities(o.logits)
+    shipped = ckpt.probabilities(final.logits)
     probs = shipped if cross is None else cross["probs"]
-    z_ref, method = _refined_z(s, o, probs, refine_bank, ckpt)
     result: dict[str, Any] = {"n": int(len(s.y)), "sources": {k: int(v) for k, v in
                                                               zip(*np.unique(s.sources, return_counts=True))},
                               "probabilities": "cross-fitted by object halves" if cross is not None
                               else "the checkpoint's calibration"}
-    result["model"] = score(s.y, probs, o.z, s.z)
-    result["model"]["ece_shipped_calibration"] = M.expected_calibration_error(shipped, s.y)
-    result["model"]["ece"] = M.expected_calibration_error(probs, s.y)
+    result["model"] = {**score(s.y, probs_net, o.z, s.z), "ece": M.expected_calibration_error(probs_net, s.y),
+                       "note": "the network alone: its logits and its redshift"}
+    result["model_refined"] = {
+        **score(s.y, probs, final.z, s.z), "ece": M.expected_calibration_error(probs, s.y),
+        "ece_shipped_calibration": M.expected_calibration_error(shipped, s.y),
+        "template_fraction": float(np.mean(final.refinement.method == "template"))
+        if final.refinement is not None and len(s.y) else 0.0,
+        "reclassified_fraction": float(final.reclassified.mean()) if len(s.y) else 0.0,
+        "note": "what the daemon outputs: template-refined z, classes at it where it moved"}
     if cross is not None:
-        result["model"]["calibration_cross_fitted"] = {k: v for k, v in cross.items() if k != "probs"}
+        result["model_refined"]["calibration_cross_fitted"] = {k: v for k, v in cross.items() if k != "probs"}
     if ood is not None:
-        result["model"]["out_of_distribution_flagged"] = float(ood.flag(s.x[:, 0]).mean())
-    result["model"]["temperature"] = ckpt.temperature
-    result["model_refined"] = {**score(s.y, probs, z_ref, s.z), "template_fraction":
-                               float(np.mean(method == "template")) if len(method) else math.nan}
-    if "ece" in result["model"]:
-        result["model_refined"]["ece"] = result["model"]["ece"]
+        result["model_refined"]["out_of_distribution_flagged"] = float(final.out_of_distribution.mean())
+    result["model_refined"]["temperature"] = ckpt.temperature
     if ckpt.model_config.two_networks and np.isfinite(s.z).all() and len(s.y):
-        # the same classifier on the rest frame of the true z: what the redshift network's errors cost it
+        # the same classifier on the rest frame of the true z: what the redshift errors cost it
         given = M.classification_report(s.y, ckpt.probabilities(run_model(net, s.x, z=s.z).logits), CLASSES)
-        result["model"]["classifier_given_true_z"] = {k: given[k] for k in (
+        result["model_refined"]["classifier_given_true_z"] = {k: given[k] for k in (
             "macro_f1", "accuracy", "ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy")}
-    z_preds = {"SpectraNet": o.z, "SpectraNet + templates": z_ref}
+    z_preds = {"SpectraNet": o.z, "SpectraNet + templates": final.z}
     if baseline is not None and len(s.y):
         cls, zb, match_score = match(baseline, _continuum_removed(s.x, ckpt), s.x[:, 1])
         onehot = np.eye(len(CLASSES))[cls]
@@ -255,21 +251,21 @@ def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module,
         result["baseline"]["ece"] = M.expected_calibration_error(onehot, s.y)
         z_preds["template matcher"] = zb
         if len(s.y) >= 100:
-            stacked = _stacked(s, o.logits, onehot * match_score[:, None])
-            result["stacked"] = {**score(s.y, stacked, z_ref, s.z),
+            stacked = _stacked(s, final.logits, onehot * match_score[:, None])
+            result["stacked"] = {**score(s.y, stacked, final.z, s.z),
                                  "ece": M.expected_calibration_error(stacked, s.y),
-                                 "note": "logistic stacker on the network's logits and the matcher's class x score, "
+                                 "note": "logistic stacker on the final logits and the matcher's class x score, "
                                          "cross-fitted by object halves; measured, not shipped"}
     if figures_too:
-        figures.plot_confusion(np.array(result["model"]["confusion_matrix"]), CLASSES, out / "confusion.png",
-                               f"SpectraNet, {name}")
+        figures.plot_confusion(np.array(result["model_refined"]["confusion_matrix"]), CLASSES,
+                               out / "confusion.png", f"SpectraNet, {name}")
         if "baseline" in result:
             figures.plot_confusion(np.array(result["baseline"]["confusion_matrix"]), CLASSES,
                                    out / "confusion_baseline.png", f"template matcher, {name}")
         known = np.isfinite(s.z)
         figures.plot_redshift(s.z[known], {k: v[known] for k, v in z_preds.items()}, out / "redshift.png")
         figures.plot_pr(s.y, probs, CLASSES, out / "pr.png")
-        figures.plot_reliability(M.softmax(o.logits), probs, s.y, out / "reliability.png")
+        figures.plot_reliability(M.softmax(final.logits), probs, s.y, out / "reliability.png")
         figures.plot_purity_completeness(probs[:, _IA], s.y == _IA, out / "purity_completeness.png",
                                          "Ia: purity vs completeness, " + name)
     return result
@@ -287,12 +283,8 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
     train, val, galaxies, _ = load_split(TrainConfig.from_checkpoint(ckpt.extra, manifest=str(data_manifest)))
     val, n_leaked = drop_leaked(train, val)
     base_bank = build_bank(_bank_templates(train, max_templates), ckpt.preprocess) if baseline else None
-    val_objects = sorted({s.object_id for s in val})
-    try:
-        refine_bank: TemplateBank | None = build_template_bank(read_manifest(data_manifest), ckpt.preprocess.grid,
-                                                               exclude=val_objects)
-    except SpectraNetError:
-        refine_bank = None  # no .lnw templates in this manifest (the unit tests' tiny data)
+    refine_bank = validation_template_bank(data_manifest, ckpt.preprocess.grid, val)
+    engine = final_engine(ckpt, refine_bank)
 
     report: dict[str, Any] = {
         "checkpoint": {"name": ckpt.name, "version": ckpt.version, "sha256": ckpt.weights_sha256},
@@ -300,9 +292,10 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
         "baseline": {"method": "SNID-style cross-correlation (r x lap), best template of the training split",
                      "n_templates": 0 if base_bank is None else int(len(base_bank.labels))},
         "refinement": {"method": f"template cross-correlation within {DEFAULT_WINDOW} in ln(1+z) of the network's "
-                                 "z, templates of its two most probable classes",
+                                 f"z, templates of its two most likely classes; classified again at the refined z "
+                                 f"where it moved >= {RECLASSIFY_SHIFT} in ln(1+z)",
                        "n_templates": 0 if refine_bank is None else int(len(refine_bank.objects)),
-                       "excluded_validation_objects": len(val_objects)},
+                       "excluded_validation_objects": len({s.object_id for s in val})},
         "validation_spectra_dropped_as_leaked": n_leaked}
     sets: dict[str, Any] = {}
     if manifest is None:
@@ -323,29 +316,30 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
         sets[main_name] = (s, False)
     sets[main_name] = (sets[main_name][0], True)
     fitted_on = "real-degraded" if manifest is None else None  # where training.calibrate fits the calibration
-    report["sets"] = {name: _evaluate_set(name, s, ckpt, net, base_bank, refine_bank, out, figs, name == fitted_on)
+    report["sets"] = {name: _evaluate_set(name, s, ckpt, net, base_bank, engine, out, figs, name == fitted_on)
                       for name, (s, figs) in sets.items()}
 
     main = report["sets"][main_name]
     summary: dict[str, Any] = {"set": main_name, "n": main["n"], "SpectraNet": _headline(main["model"]),
                                "SpectraNet + templates": _headline(main["model_refined"])}
     summary["SpectraNet_meets_target"] = targets_met(summary["SpectraNet + templates"])
-    if "classifier_given_true_z" in main["model"]:
-        summary["SpectraNet_classifier_given_true_z"] = main["model"]["classifier_given_true_z"]
-    summary["ece"] = {"cross_fitted": main["model"].get("ece", math.nan),
-                      "shipped_calibration_on_its_fitting_set": main["model"]["ece_shipped_calibration"],
+    if "classifier_given_true_z" in main["model_refined"]:
+        summary["SpectraNet_classifier_given_true_z"] = main["model_refined"]["classifier_given_true_z"]
+    summary["ece"] = {"cross_fitted": main["model_refined"]["ece"],
+                      "shipped_calibration_on_its_fitting_set": main["model_refined"]["ece_shipped_calibration"],
                       "temperature": ckpt.temperature, "class_bias": ckpt.calibration.class_bias}
     if "baseline" in main:
         summary["baseline"] = _headline(main["baseline"])
         summary["SpectraNet_beats_baseline"] = _beats(summary["SpectraNet + templates"], summary["baseline"])
     if manifest is None and ckpt.calibration.ood is not None:
         nt = non_transient_set(data_manifest, galaxies, ckpt.preprocess)
-        cross = main["model"].get("calibration_cross_fitted", {})
+        cross = main["model_refined"].get("calibration_cross_fitted", {})
         summary["out_of_distribution"] = {
             "non_transients_flagged": float(ckpt.calibration.ood.flag(nt.x[:, 0]).mean()) if len(nt.y) else math.nan,
             "n_non_transients": int(len(nt.y)),
             "in_taxonomy_flagged": cross.get("in_taxonomy_flagged", math.nan),
-            "in_taxonomy_flagged_shipped_threshold": main["model"].get("out_of_distribution_flagged", math.nan)}
+            "in_taxonomy_flagged_shipped_threshold": main["model_refined"].get("out_of_distribution_flagged",
+                                                                                math.nan)}
     report["summary"] = summary
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return report

@@ -137,7 +137,7 @@ class InferenceEngine:
         batch beyond a few dozen (CPU time per spectrum, default preset, one thread: 5.5 ms at 16-32, 9.6 ms at 256).
         ``threads``: torch intra-op threads (None: torch's default, one per core).
         ``templates``: refine the redshift with this bank (None: the network's redshift as is), matching only
-        templates of the network's ``template_top_k`` most probable classes (None: all), within ``template_window``
+        templates of the ``template_top_k`` classes with the largest logits (None: all), within ``template_window``
         in ln(1 + z) of the network's redshift. The bank must fit the checkpoint's grid and the checkpoint must use
         continuum normalisation (the refinement correlates continuum-removed spectra)."""
         if templates is not None:
@@ -214,8 +214,9 @@ class InferenceEngine:
         if self.templates is not None:
             classes = None
             if self.template_top_k is not None:
-                probs = self.checkpoint.probabilities(logits)  # calibrated: the class bias can change the order
-                order = np.argsort(-probs, axis=1, kind="stable")[:, :self.template_top_k]
+                # the network's own order (its logits, before the class bias): the refinement, and so the logits
+                # the calibration is fitted on, then do not depend on the calibration
+                order = np.argsort(-logits, axis=1, kind="stable")[:, :self.template_top_k]
                 classes = [[self.taxonomy[j] for j in row] for row in order]
             refinement = refine_redshift(x[:, 0], x[:, 1] > 0.5, z_network, self.templates,
                                          self.checkpoint.preprocess.grid, window=self.template_window,
