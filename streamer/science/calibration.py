@@ -7,9 +7,9 @@ daemon, ``spectranet classify`` and the evaluation apply exactly the same rule:
 - the calibrated probabilities themselves, ``softmax(logits / T + b)``: ``class_bias`` ``b`` (one logit offset per
   class, fitted with T on real validation spectra) puts back the class frequencies that the class-balanced training
   loss takes out (its prior is close to uniform; real spectra are half Ia). Measured on 0.4.0, cross-fitted by object
-  halves of the real-degraded validation set: H-rich vs H-poor 0.784 -> 0.858, ECE 0.057 -> 0.027, Ia vs non-Ia
-  0.824 -> 0.830 against the temperature alone (``Calibration.probabilities`` is the one home of the formula; the
-  fit and its regularisation: ``spectranet.training.metrics.fit_temperature_and_bias``);
+  halves of the real-degraded validation set, on the network's own logits: H-rich vs H-poor 0.784 -> 0.858, ECE
+  0.057 -> 0.027, Ia vs non-Ia 0.824 -> 0.830 against the temperature alone. ``Calibration.probabilities`` is the
+  one home of the formula; the fit and its regularisation: ``spectranet.training.metrics.fit_temperature_and_bias``;
 
 and two decisions on top of them:
 
