@@ -225,3 +225,21 @@ def test_internal_batches_keep_order_and_results(checkpoint_path, garbage):
         if "probabilities" in a:
             assert a["probabilities"] == pytest.approx(b["probabilities"], rel=1e-5, abs=1e-6)
             assert a["redshift"] == pytest.approx(b["redshift"], rel=1e-5, abs=1e-6)
+
+
+def test_a_rest_frame_file_is_classified_in_the_rest_frame_of_its_header_redshift(tmp_path: Path) -> None:
+    source = Path(__file__).parent / "data" / "spectra" / "SN2014ey__00.txt"
+    text = source.read_text().replace("# frame: observed", "# frame: rest").replace("# redshift: 0.03197",
+                                                                                    "# redshift: 0.25")
+    rest = tmp_path / "rest_frame.txt"
+    rest.write_text(text)
+    sf = read_spectrum(rest)
+    assert (sf.frame, sf.redshift) == ("rest", 0.25)
+    engine = InferenceEngine(load_checkpoint(), device="cpu", warmup=False)
+    prepared = prepare_file(sf, engine.checkpoint.preprocess)
+    (result,) = classify_files([str(rest)], engine)
+    at_header_z = engine.predict([prepared], z_prior=[0.25])[0].probabilities
+    own_z = engine.predict([prepared])[0].probabilities
+    assert result["probabilities"] == pytest.approx(at_header_z, abs=1e-9)
+    assert abs(math.log1p(result["redshift_network"]) - math.log1p(0.25)) >= 0.02  # 0.12 with 0.4.0: frames differ
+    assert result["probabilities"] != pytest.approx(own_z, abs=1e-4)

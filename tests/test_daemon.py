@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from spectranet.streamer.contract.codec import Codec
+from spectranet.streamer.contract.packets import Limits, prepare_packet
 from spectranet.streamer.runtime import db
+from spectranet.streamer.runtime.classifier import SpectrumClassifier
 from spectranet.streamer.science.checkpoint import load_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine
 
-from tests.support.fakes import DLQ, IN, OUT, FakeConsumer, FakeProducer
+from tests.support.fakes import DLQ, IN, OUT, FakeConsumer, FakeMessage, FakeProducer, fake_packets
 from tests.support.fakes import fake_daemon as _daemon
 from tests.support.fakes import fake_messages as _messages
 
@@ -125,3 +128,22 @@ def test_revocation_commits_the_batch_in_flight_first(engine, database) -> None:
     _daemon(consumer, FakeProducer(), database, engine).run(max_messages=len(msgs))
     assert [tp.offset for tp in consumer.revoked_commits[0]] == [4]  # batch 1 committed inside on_revoke
     assert consumer.committed == {(IN, 0): len(msgs)}
+
+
+def test_a_packets_redshift_prior_is_the_rest_frame_it_is_classified_in(engine) -> None:
+    codec = Codec("spectrum_packet")
+    classifier = SpectrumClassifier(engine, codec=codec)
+    packet = fake_packets(1)[0]
+    assert packet.get("redshift_prior") is None
+    plain = classifier.execute([FakeMessage(IN, 0, 0, codec.encode(packet), b"k")],
+                               consumed_at=datetime.now(timezone.utc)).classified[0].annotation
+    far = plain["redshift"]["z_network"] + 0.3
+    with_prior = dict(packet, redshift_prior={"z": far, "z_err": 0.001, "origin": "host galaxy"})
+    given = classifier.execute([FakeMessage(IN, 0, 1, codec.encode(with_prior), b"k")],
+                               consumed_at=datetime.now(timezone.utc)).classified[0].annotation
+    assert given["redshift"]["method"] == "prior" and given["redshift"]["z"] == far
+    prepared = prepare_packet(packet, engine.checkpoint.preprocess, Limits())
+    expected = engine.predict([prepared], z_prior=[far])[0].probabilities
+    got = {c["class_name"]: c["probability"] for c in given["classifications"]}
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert got != pytest.approx({c["class_name"]: c["probability"] for c in plain["classifications"]}, abs=1e-3)

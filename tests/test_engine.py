@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.contract.readers import prepare_file, read_spectrum
 from spectranet.streamer.errors import CheckpointError, ConfigError
 from spectranet.streamer.science.calibration import Calibration, OutOfDistribution
-from spectranet.streamer.science.checkpoint import Checkpoint
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine, select_device
 from spectranet.streamer.science.model import ModelConfig, ModelOutput, SpectraNet
 from spectranet.streamer.science.preprocess import Grid, Prepared, PreprocessConfig, prepare
@@ -307,3 +307,29 @@ def test_an_ood_model_on_another_grid_is_refused(checkpoint):
     with pytest.raises(CheckpointError, match="out-of-distribution model has"):
         InferenceEngine(dataclasses.replace(checkpoint, calibration=Calibration(ood=bad)), device="cpu",
                         warmup=False)
+
+
+def test_a_known_redshift_is_the_rest_frame_the_classifier_reads():
+    shipped = load_checkpoint()  # two networks: the classifier reads a rest frame
+    engine = InferenceEngine(shipped, device="cpu", warmup=False)
+    prepared = [prepare_file(read_spectrum(SPECTRA / name), shipped.preprocess) for name in (
+        "SN2012P__00.txt", "SN2013gr__07.txt", "2019dwa_TNS_ZTF_SEDM_2019.0514.txt", "PTF10qts__05.txt")]
+    x = np.stack([p.model_input() for p in prepared])
+    plain = engine.outputs(x)
+    far = plain.z_network + 0.3                                  # well away from the network's own z
+    prior = np.where(np.arange(len(x)) % 2 == 0, far, np.nan)    # every other spectrum has a known redshift
+    given = engine.outputs(x, prior)
+    with torch.inference_mode():
+        at_prior = shipped.build_model().eval().classify_at(torch.from_numpy(x), torch.from_numpy(far).float())
+    known = np.isfinite(prior)
+    np.testing.assert_allclose(given.logits[known], at_prior.numpy()[known], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(given.logits[~known], plain.logits[~known])
+    assert given.reclassified.tolist() == known.tolist()
+    np.testing.assert_array_equal(given.z, plain.z)  # the reported redshifts stay the network's
+    near = engine.outputs(x, plain.z_network + 0.001)            # a prior the network already agrees with
+    np.testing.assert_array_equal(near.logits, plain.logits)
+    preds = engine.predict(prepared, z_prior=prior.tolist())
+    np.testing.assert_allclose([[p.probabilities[c] for c in shipped.taxonomy] for p in preds],
+                               shipped.probabilities(given.logits), rtol=1e-6)
+    with pytest.raises(ValueError, match="one redshift"):
+        engine.outputs(x, prior[:-1])

@@ -88,10 +88,10 @@ def test_a_spectrum_that_breaks_the_model_is_isolated(engine, tmp_path: Path, mo
     real_predict = classifier_engine.predict
     sentinel: dict[str, Any] = {}
 
-    def predict(batch):
+    def predict(batch, z_prior=None):
         if any(p is sentinel.get("bad") for p in batch):
             raise RuntimeError("NaN in the activations")
-        return real_predict(batch)
+        return real_predict(batch, z_prior)
 
     import spectranet.streamer.runtime.classifier as classifier_module
 

@@ -13,6 +13,7 @@ commit nothing). A ``DeadLetter`` always fits its table: its text is made storab
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -223,7 +224,9 @@ class SpectrumClassifier:
         if not ready:
             return []
         try:
-            return list(zip(ready, self.engine.predict([p for _, _, p in ready])))
+            priors = [float(packet["redshift_prior"]["z"]) if packet.get("redshift_prior") else math.nan
+                      for _, packet, _ in ready]  # a known redshift: the classifier reads its rest frame
+            return list(zip(ready, self.engine.predict([p for _, _, p in ready], z_prior=priors)))
         except Exception as exc:
             if whose_fault(exc, stage="process") is None:
                 raise  # out of memory (the engine already halved down to one spectrum): not this packet's

@@ -64,7 +64,7 @@ class EngineOutputs:
     z_network: np.ndarray           # the network's own redshift (>= 0)
     z_network_err: np.ndarray
     refinement: Refinement | None   # None without a template bank
-    reclassified: np.ndarray        # bool: classified again at the refined redshift
+    reclassified: np.ndarray        # bool: classified again at the refined redshift (or the given prior)
     out_of_distribution: np.ndarray  # bool
 
 
@@ -164,17 +164,19 @@ class InferenceEngine:
         if warmup:
             self.predict_arrays(np.zeros((min(4, max_forward_batch), 2, checkpoint.model_config.n_bins), np.float32))
 
-    def predict(self, batch: Sequence[Prepared]) -> list[Prediction]:
+    def predict(self, batch: Sequence[Prepared], z_prior: Sequence[float] | None = None) -> list[Prediction]:
+        """``z_prior``: per spectrum a known redshift (a host galaxy's, a packet's ``redshift_prior``) or NaN; see
+        ``outputs``."""
         if not batch:
             return []
         x = np.stack([p.model_input() for p in batch])  # [B, 2, n_bins]
-        return self.predict_arrays(x)
+        return self.predict_arrays(x, None if z_prior is None else np.asarray(z_prior, dtype=np.float64))
 
-    def predict_arrays(self, x: np.ndarray) -> list[Prediction]:
-        """``x``: float32 [B, 2, n_bins] (normalised flux, coverage)."""
+    def predict_arrays(self, x: np.ndarray, z_prior: np.ndarray | None = None) -> list[Prediction]:
+        """``x``: float32 [B, 2, n_bins] (normalised flux, coverage); ``z_prior`` [B] or None: see ``outputs``."""
         if not len(x):
             return []
-        out = self.outputs(x)
+        out = self.outputs(x, z_prior)
         probs = self.checkpoint.probabilities(out.logits)
         n = len(self.taxonomy)
         entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(n)
@@ -197,11 +199,18 @@ class InferenceEngine:
             ))
         return preds
 
-    def outputs(self, x: np.ndarray) -> EngineOutputs:
+    def outputs(self, x: np.ndarray, z_prior: np.ndarray | None = None) -> EngineOutputs:
         """The arrays behind ``predict_arrays``: the network on every spectrum; with a template bank, its redshift
         refined and, where the refined redshift moved at least ``RECLASSIFY_SHIFT`` in ln(1 + z), the classifier run
         again on the rest frame of the refined redshift (two-network models). ``spectranet.training`` calibrates and
-        evaluates on exactly these logits."""
+        evaluates on exactly these logits.
+
+        ``z_prior`` [B] (NaN: none): a redshift known from elsewhere. A two-network model classifies on its rest frame
+        (again only where it lies ``RECLASSIFY_SHIFT`` or more from the network's); the reported redshifts stay the
+        network's and the templates' (the annotation reports the prior as the redshift, method ``prior``)."""
+        if z_prior is not None and np.shape(z_prior) != (len(x),):
+            raise ValueError(f"z_prior must hold one redshift (or NaN) per spectrum: shape {np.shape(z_prior)} "
+                             f"for {len(x)} spectra")
         logits, z, z_err = self._chunked(self._network, x)
         if not (np.isfinite(logits).all() and np.isfinite(z).all() and np.isfinite(z_err).all()):
             # The daemon splits the batch to find the spectrum responsible and dead-letters it alone.
@@ -224,14 +233,18 @@ class InferenceEngine:
             used = refinement.method == METHOD_TEMPLATE
             final_z = np.where(used, np.maximum(refinement.z, 0.0), z_network)
             final_err = np.where(used, refinement.z_err, z_err)
-            if self.checkpoint.model_config.two_networks:
-                again = used & (np.abs(np.log1p(final_z) - np.log1p(z_network)) >= RECLASSIFY_SHIFT)
-                if again.any():
-                    (redone,) = self._chunked(self._classify_at, x[again], final_z[again])
-                    if not np.isfinite(redone).all():
-                        raise ValueError("model produced non-finite outputs")
-                    logits = logits.copy()
-                    logits[again] = redone
+        classify_z = final_z
+        if z_prior is not None:
+            known = np.isfinite(z_prior)
+            classify_z = np.where(known, np.maximum(np.nan_to_num(z_prior), 0.0), final_z)
+        if self.checkpoint.model_config.two_networks:
+            again = np.abs(np.log1p(classify_z) - np.log1p(z_network)) >= RECLASSIFY_SHIFT
+            if again.any():
+                (redone,) = self._chunked(self._classify_at, x[again], classify_z[again])
+                if not np.isfinite(redone).all():
+                    raise ValueError("model produced non-finite outputs")
+                logits = logits.copy()
+                logits[again] = redone
         return EngineOutputs(logits=logits, z=final_z, z_err=final_err, z_network=z_network, z_network_err=z_err,
                              refinement=refinement, reclassified=again, out_of_distribution=outside)
 

@@ -123,18 +123,22 @@ def describe_result(result: Mapping[str, Any]) -> str:
 
 def classify_files(paths: Iterable[str], inference: InferenceEngine, *,
                    batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    """One result per path, in order; unreadable files yield ``{"file", "error"}`` and never stop the others."""
-    pending: list[tuple[str, Prepared]] = []
+    """One result per path, in order; unreadable files yield ``{"file", "error"}`` and never stop the others.
+    A rest-frame file is placed in the observer frame at its header redshift, which is then known: the classifier
+    reads the rest frame of that redshift (``InferenceEngine.outputs``)."""
+    pending: list[tuple[str, Prepared, float]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
-        preds = inference.predict([p for _, p in pending])
-        for (path, prepared), pred in zip(pending, preds):
+        preds = inference.predict([p for _, p, _ in pending], z_prior=[z for _, _, z in pending])
+        for (path, prepared, _), pred in zip(pending, preds):
             yield _result(path, prepared, pred, inference)
         pending.clear()
 
     for path in paths:
         try:
-            pending.append((path, prepare_file(read_spectrum(path), inference.checkpoint.preprocess)))
+            sf = read_spectrum(path)
+            known_z = (sf.redshift or 0.0) if sf.frame == "rest" else math.nan  # as prepare_file places it
+            pending.append((path, prepare_file(sf, inference.checkpoint.preprocess), known_z))
         except (SpectrumFileError, PacketError) as exc:
             yield from flush()  # keep output in input order
             yield {"file": path, "error": f"{type(exc).__name__}: {exc}"}
