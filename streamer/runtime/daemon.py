@@ -13,13 +13,14 @@ de-duplicate.
 No poison pills: every exception on a packet's path is sorted by ``classifier.whose_fault``. The packet's fault
 (it cannot be decoded, breaks the contract or the model, its annotation cannot be encoded, the database refuses its
 row) dead-letters that packet, to the topic and the table with the reason, and its batch goes on: a batch the
-database refuses for its data is split until the refused rows are alone (``_store_isolating``), and a dead letter
-the table cannot hold as is is stored sanitised, or as a minimal record, never retried. The infrastructure's fault
-(broker, database, schema registry unavailable) is retried with backoff and is never dead-lettered or committed. A
-retry repeats only what failed: a written batch is not written again, and a message with a delivery report is not
-published again. A dead letter too large for the dead-letter topic is published without its payload (header
-``spectranet.payload.truncated``: the original size; the bytes stay in the ``dead_letters`` table). While consumed
-packets wait longer than ``stall_timeout_s`` for a commit, ``/healthz`` and ``/readyz`` say so (``metrics.Progress``).
+database refuses for its data is split until the refused rows are alone (``store_isolating``, the rule
+``spectranet reprocess`` follows too), and a dead letter the table cannot hold as is is stored sanitised, or as a
+minimal record, never retried. The infrastructure's fault (broker, database, schema registry unavailable) is retried
+with backoff and is never dead-lettered or committed. A retry repeats only what failed: a written batch is not
+written again, and a message with a delivery report is not published again. A dead letter too large for the
+dead-letter topic is published without its payload (header ``spectranet.payload.truncated``: the original size; the
+bytes stay in the ``dead_letters`` table). While consumed packets wait longer than ``stall_timeout_s`` for a commit,
+``/healthz`` and ``/readyz`` say so (``metrics.Progress``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
 from spectranet.streamer.contract.codec import Codec, Framing
-from spectranet.streamer.errors import InfrastructureError, StorageError
+from spectranet.streamer.errors import InfrastructureError, PacketError, StorageError
 from spectranet.streamer.runtime import db
 from spectranet.streamer.runtime.classifier import (
     BatchOutcome,
@@ -51,7 +52,7 @@ from spectranet.streamer.runtime.classifier import (
 from spectranet.streamer.runtime.metrics import HealthServer, Metrics
 from sqlalchemy.engine import Engine
 
-__all__ = ["Daemon", "RunStats"]
+__all__ = ["Daemon", "RunStats", "refused_rows_error", "store_isolating"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,42 @@ log = logging.getLogger(__name__)
 _RETRIED = (InfrastructureError, sa.exc.SQLAlchemyError, KafkaException, OSError)
 _RECORD_OVERHEAD_BYTES = 1024  # Kafka's record and batch framing, on top of key, value and headers
 _MAX_STRIPPED_KEY_BYTES = 1024  # a dead letter sent without its payload drops a key larger than this too
+
+_Item = TypeVar("_Item")
+
+
+def store_isolating(items: Sequence[_Item], write: Callable[[Sequence[_Item]], None],
+                    refused: Callable[[_Item, PacketError], list[_Item]]) -> list[_Item]:
+    """The isolation rule for storing, shared by the daemon (``Daemon._store_isolating``) and ``spectranet
+    reprocess``: ``write(items)`` in one transaction; if the database refuses it for a reason in the data
+    (``whose_fault(exc, stage="store")``: a value too long, a character it cannot hold, an integrity error), split
+    ``items`` in halves until each refused item is alone, and put ``refused(item, reason)`` in that item's place.
+
+    Returns what was stored, in order (``refused``'s replacements included; it may return ``[]`` to drop the item).
+    Raises the infrastructure's failures (a lost connection, a missing table: ``whose_fault`` returns None), from
+    ``write`` or from ``refused``, at once and unchanged: the caller retries or stops, nothing is half-isolated.
+    """
+    try:
+        write(items)
+        return list(items)
+    except Exception as exc:  # noqa: BLE001 - sorted by whose_fault; the infrastructure's is re-raised
+        fault = whose_fault(exc, stage="store")
+        if fault is None:
+            raise
+    if len(items) > 1:
+        log.warning("the database refused a batch of %d rows (%s); splitting it to isolate the refused rows",
+                    len(items), fault.reason)
+        half = len(items) // 2
+        return store_isolating(items[:half], write, refused) + store_isolating(items[half:], write, refused)
+    return refused(items[0], fault)
+
+
+def refused_rows_error(database: Engine, rows: db.ClassificationRow, fault: PacketError) -> StorageError:
+    """The ``StorageError`` for one spectrum's rows the database refused alone with ``fault``: it names the spectrum
+    and, when it can be told, the column (``db.unstorable_column``, against the live tables)."""
+    column = (db.unstorable_column(database, db.spectra, rows.spectrum)
+              or db.unstorable_column(database, db.classifications, rows.classification))
+    return StorageError(fault.reason, field=column, packet_id=rows.spectrum.get("spectrum_id"))
 
 
 @dataclass
@@ -307,35 +344,27 @@ class Daemon:
     def _store_isolating(self, items: list[tuple[Classified, bytes] | DeadLetter]
                          ) -> list[tuple[Classified, bytes] | DeadLetter]:
         """Write ``items`` in one transaction. If the database refuses it for a reason in the data, split it until
-        each refused row is alone: a refused classification becomes a dead letter (``StorageError``); a refused dead
-        letter is stored as a minimal record, or, if even that is refused, logged and left to the topic. Returns the
-        items as stored; raises only for the infrastructure's failures."""
-        try:
-            db.write_batch(self.database, [x[0].rows for x in items if not isinstance(x, DeadLetter)],
-                           [x.row() for x in items if isinstance(x, DeadLetter)])
-            return items
-        except Exception as exc:  # noqa: BLE001 - sorted by whose_fault; the infrastructure's is re-raised
-            fault = whose_fault(exc, stage="store")
-            if fault is None:
-                raise
-        if len(items) > 1:
-            log.warning("the database refused a batch of %d rows (%s); splitting it to isolate the refused rows",
-                        len(items), fault.reason)
-            half = len(items) // 2
-            return self._store_isolating(items[:half]) + self._store_isolating(items[half:])
-        item = items[0]
+        each refused row is alone (``store_isolating``): a refused classification becomes a dead letter
+        (``StorageError``); a refused dead letter is stored as a minimal record, or, if even that is refused, logged
+        and left to the topic. Returns the items as stored; raises only for the infrastructure's failures."""
+        return store_isolating(items, self._write_items, self._refused)
+
+    def _write_items(self, items: Sequence[tuple[Classified, bytes] | DeadLetter]) -> None:
+        db.write_batch(self.database, [x[0].rows for x in items if not isinstance(x, DeadLetter)],
+                       [x.row() for x in items if isinstance(x, DeadLetter)])
+
+    def _refused(self, item: tuple[Classified, bytes] | DeadLetter, fault: PacketError
+                 ) -> list[tuple[Classified, bytes] | DeadLetter]:
+        """What is stored in place of one item the database refused alone (see ``_store_isolating``)."""
         if not isinstance(item, DeadLetter):
             c = item[0]
-            column = (db.unstorable_column(self.database, db.spectra, c.rows.spectrum)
-                      or db.unstorable_column(self.database, db.classifications, c.rows.classification))
-            sid = c.rows.spectrum.get("spectrum_id")
-            err = StorageError(fault.reason, field=column, packet_id=sid)
-            return self._store_isolating([dead_letter(c.message, err, {"spectrum_id": sid})])
+            err = refused_rows_error(self.database, c.rows, fault)
+            return self._store_isolating([dead_letter(c.message, err, {"spectrum_id": err.packet_id})])
         log.error("the database refused the dead letter of %s[%d]@%d (%s); storing a minimal record", item.source.topic,
                   item.source.partition, item.source.offset, fault.reason)
         try:
             db.write_batch(self.database, [], [item.minimal_row(fault.reason)])
-        except Exception as exc:  # noqa: BLE001 - as above
+        except Exception as exc:  # noqa: BLE001 - sorted by whose_fault; the infrastructure's is re-raised
             if whose_fault(exc, stage="store") is None:
                 raise
             log.error("the database refused even the minimal dead letter of %s[%d]@%d (%s); it is on the "
