@@ -88,7 +88,7 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
     classifier = SpectrumClassifier(inference, codec=Codec("spectrum_packet"))
     ok, failed = reprocess(db.create_engine(settings.database.url.get_secret_value()), classifier)
     print(f"re-classified {ok} stored spectra with {inference.checkpoint.name} {inference.checkpoint.version}"
-          f" ({failed} could not be prepared)")
+          f" ({failed} could not be classified or stored)")
     return 0
 
 
