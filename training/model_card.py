@@ -40,7 +40,7 @@ _NAMES = {"ia_vs_non_ia_accuracy": "Ia vs non-Ia accuracy", "h_rich_vs_h_poor_ac
 
 def metrics_table(summary: dict[str, Any]) -> str:
     """Targets vs SpectraNet (network z), SpectraNet + templates (refined z) and the template matcher, headline set."""
-    rows = ["| metric | target | SpectraNet | + template z | template matcher | target met | beats matcher |",
+    rows = ["| metric | target | SpectraNet | + templates (shipped) | template matcher | target met | beats matcher |",
             "|---|---|---:|---:|---:|---|---|"]
     for key, label in _NAMES.items():
         op, value = TARGETS[key]
