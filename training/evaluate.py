@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from spectranet.streamer.contract.readers import prepare_file, read_spectrum
 from spectranet.streamer.errors import SpectraNetError
+from spectranet.streamer.science.calibration import Calibration
 from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
 from spectranet.streamer.science.inference import RECLASSIFY_SHIFT, InferenceEngine
 from spectranet.streamer.science.preprocess import remove_continuum
@@ -179,16 +181,11 @@ def _stacked(s: EvalSet, logits: np.ndarray, match_evidence: np.ndarray) -> np.n
 def _cross_fitted(s: EvalSet, logits: np.ndarray, ood_scores: np.ndarray | None, quantile: float) -> dict[str, Any]:
     """Probabilities, ECE, purity of the thresholded calls, and the in-taxonomy out-of-distribution rate, each fitted
     on one half of the objects and scored on the other."""
-    folds = object_folds(s.objects)
     probs = np.zeros_like(logits)
     confident = np.zeros(len(s.y), bool)
     flagged = np.zeros(len(s.y), bool)
-    for k in (0, 1):
-        fit, test = folds != k, folds == k
-        if not fit.any() or not test.any():
-            continue
-        t, calibration = fit_probabilities(logits[fit], s.y[fit])
-        probs[test] = calibration.probabilities(logits[test], t, CLASSES)
+    for fit, test, fold_probs, calibration in _calibrated_halves(s, logits):
+        probs[test] = fold_probs
         thresholds = calibration.thresholds
         top, p_top = probs[test].argmax(axis=1), probs[test].max(axis=1)
         confident[test] = [CLASSES[c] in thresholds and p >= thresholds[CLASSES[c]] for c, p in zip(top, p_top)]
@@ -205,19 +202,26 @@ def _cross_fitted(s: EvalSet, logits: np.ndarray, ood_scores: np.ndarray | None,
             "ece_over_halvings": _ece_over_halvings(s, logits)}
 
 
+def _calibrated_halves(s: EvalSet, logits: np.ndarray, seed: int = 0
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, Calibration]]:
+    """Per object half: (fit mask, test mask, the test rows' probabilities under the calibration fitted on the other
+    half, that calibration)."""
+    folds = object_folds(s.objects, seed=seed)
+    for k in (0, 1):
+        fit, test = folds != k, folds == k
+        if fit.any() and test.any():
+            t, calibration = fit_probabilities(logits[fit], s.y[fit])
+            yield fit, test, calibration.probabilities(logits[test], t, CLASSES), calibration
+
+
 def _ece_over_halvings(s: EvalSet, logits: np.ndarray, n: int = 8) -> dict[str, float]:
     """Mean and spread of the cross-fitted ECE over ``n`` random object halvings: one halving's ECE moves by
     ~0.005 with the draw (measured), as much as the differences it is used to judge."""
     eces = []
     for seed in range(n):
-        folds = object_folds(s.objects, seed=seed)
         probs = np.zeros_like(logits)
-        for k in (0, 1):
-            fit, test = folds != k, folds == k
-            if not fit.any() or not test.any():
-                continue
-            t, calibration = fit_probabilities(logits[fit], s.y[fit])
-            probs[test] = calibration.probabilities(logits[test], t, CLASSES)
+        for _, test, fold_probs, _ in _calibrated_halves(s, logits, seed):
+            probs[test] = fold_probs
         eces.append(M.expected_calibration_error(probs, s.y))
     return {"mean": float(np.mean(eces)), "sd": float(np.std(eces)), "n": n}
 
