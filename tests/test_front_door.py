@@ -111,6 +111,7 @@ def test_produce_without_a_broker_gives_up_with_the_count(tmp_path: Path) -> Non
     assert f"Kafka broker {broker} unreachable" in final[0] and KAFKA_SETTING in final[0], final
     assert sum("rdkafka#" in line for line in output.splitlines()) <= 3, output
 
+
 @pytest.mark.parametrize("command", [["run"], ["db", "upgrade"], ["db", "grant", "--role", "spectranet_daemon"],
                                      ["dlq", "list"]])
 def test_without_a_database_commands_say_so_in_one_line_without_the_password(tmp_path: Path,
