@@ -77,6 +77,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     num_workers: int = 0
     time_limit_min: float = 0.0        # 0: none; else stop (and export the best) after this many minutes
+    keep_snapshots: bool = False       # also keep the EMA weights of every evaluation (snapshots/step-N.pt), to average
     resume: bool = True
     device: str = "auto"
     threads: int = 2

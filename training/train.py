@@ -17,8 +17,9 @@ simulated once with a fixed seed, so every evaluation scores the same inputs; tr
 epoch, index), so a resumed run draws exactly the samples the interrupted run would have.
 
 Resume: ``out_dir/state.pt`` is written at every evaluation; a run whose ``out_dir`` holds one continues from it
-(``resume: false`` starts over). Fine-tune: ``init_from`` starts a fresh run (new optimiser and schedule) from a
-checkpoint's weights.
+(``resume: false`` starts over). With ``keep_snapshots`` the EMA weights of every evaluation are also kept
+(``out_dir/snapshots/step-N.pt``), to average afterwards. Fine-tune: ``init_from`` starts a fresh run (new optimiser
+and schedule) from a checkpoint's weights.
 
 The parts this shares with the ablation (config, sample retry, batches, optimiser groups, the training step with
 AMP, clipping and EMA, evaluation helpers) live in ``spectranet.training.loop``; this module is the recipe.
@@ -256,6 +257,9 @@ def train(cfg: TrainConfig) -> Checkpoint:
                             "val_z_rms": m["redshift"]["rms"], "skipped_steps": skipped,
                             "elapsed_s": round(time.time() - t_start, 1)})
             tqdm.write(json.dumps(history[-1]))
+            if cfg.keep_snapshots:
+                (out_dir / "snapshots").mkdir(exist_ok=True)
+                torch.save(ema.state_dict(), out_dir / "snapshots" / f"step-{step:06d}.pt")
             if last_f1 > best_f1:
                 best_f1, best_step, evals_since_best = last_f1, step, 0
                 torch.save(ema.state_dict(), out_dir / "best_ema.pt")
