@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from spectranet.streamer.science.preprocess import PreprocessConfig
 from spectranet.training.data import Spectrum
-from spectranet.training.simulate import SEDM_DEFAULT, apply_lsf, sedm_pixels, simulate_input, simulate_sedm
+from spectranet.training.simulate import (
+    SEDM_DEFAULT,
+    apply_lsf,
+    draw_redshift,
+    redshift_pool,
+    sedm_pixels,
+    simulate_input,
+    simulate_sedm,
+)
 
 
 def _template(label: str = "Ia", redshift: float = 0.0) -> Spectrum:
@@ -19,6 +29,21 @@ def _template(label: str = "Ia", redshift: float = 0.0) -> Spectrum:
 def _galaxy() -> tuple[np.ndarray, np.ndarray]:
     wave = np.arange(1500.0, 12000.0, 5.0)
     return wave, 1.0 + 2.0 * np.exp(-0.5 * ((wave - 6563.0) / 5.0) ** 2)
+
+
+def test_redshifts_drawn_from_the_pool_of_real_ones():
+    """Templates (z 0) are not in the pool; a pooled draw lands near a real redshift of the class, far above z_max."""
+    pool = redshift_pool([_template("Ia", 0.0), _template("Ia", 0.62), _template("II", 0.03)])
+    assert pool == (("II", (0.03,)), ("Ia", (0.62,)))
+    rng = np.random.default_rng(0)
+    pooled = replace(SEDM_DEFAULT, z_pool=pool, z_pool_prob=1.0)
+    zs = np.array([draw_redshift(_template("Ia"), rng, pooled) for _ in range(200)])
+    assert np.all(np.abs(np.log1p(zs) - np.log1p(0.62)) < 5 * SEDM_DEFAULT.z_pool_jitter)
+    assert zs.std() > 0.01  # jittered, not the one value
+    # a class without pooled redshifts, and the default (no pool), stay uniform up to z_max
+    for spec, cfg in ((_template("Ib"), pooled), (_template("Ia"), SEDM_DEFAULT)):
+        zs = np.array([draw_redshift(spec, rng, cfg) for _ in range(200)])
+        assert zs.min() >= cfg.z_min and zs.max() <= cfg.z_upper(spec.label)
 
 
 def test_simulated_spectrum_is_on_sedm_pixels():

@@ -75,7 +75,7 @@ def test_loader_drops_junk_and_ambiguous(tiny_data: Path):
 def test_two_step_training_checkpoint_engine_and_evaluate(tiny_data: Path, tmp_path: Path):
     cfg = TrainConfig(manifest=str(tiny_data / "manifest.csv"), out_dir=str(tmp_path / "run"), version="0.0.1-test",
                       batch_size=4, warmup_steps=1, max_steps=2, eval_every=1, val_fraction=0.5, val_repeats=1,
-                      num_workers=0, resume=False, threads=1, keep_snapshots=True)
+                      num_workers=0, resume=False, threads=1, keep_snapshots=True, z_pool_prob=0.5)
     ckpt = train(cfg)
     assert sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir()) == ["step-000001.pt", "step-000002.pt"]
     loaded = load_checkpoint(tmp_path / "run" / "spectranet-sedm-0.0.1-test")

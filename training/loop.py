@@ -54,6 +54,7 @@ class TrainConfig:
     # of each batch sees the network's own (detached) estimate and the rest the true z jittered by z_noise in ln(1+z).
     z_noise: float = 0.0
     pred_z_fraction: float = 0.0
+    z_pool_prob: float = 0.0           # share of re-drawn training redshifts from the class's real ones (SimConfig)
     init_from: str = ""                # a checkpoint whose weights start the run (fine-tuning); ignored on resume
     normalisation: Normalisation = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0

@@ -76,7 +76,7 @@ from spectranet.training.loop import (
     train_step,
     val_metrics,
 )
-from spectranet.training.simulate import SEDM_DEFAULT, simulate_input
+from spectranet.training.simulate import SEDM_DEFAULT, SimConfig, redshift_pool, simulate_input
 from tqdm import tqdm
 
 _RANGE = PreprocessConfig().grid  # the model's wavelength range (streamer's default grid); bins follow the preset
@@ -116,13 +116,22 @@ def load_split(cfg: TrainConfig) -> tuple[list[Spectrum], list[Spectrum], list, 
 class SimulatedSEDM(SimulatedSet):
     """Item (epoch, i): spectrum i simulated at SEDM resolution through the inference preprocessing, x [2, n_bins]."""
 
-    def __init__(self, spectra: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, seed: int) -> None:
+    def __init__(self, spectra: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, seed: int,
+                 sim: SimConfig = SEDM_DEFAULT) -> None:
         super().__init__(spectra, galaxies, seed)
-        self.preprocess = preprocess
+        self.preprocess, self.sim = preprocess, sim
 
     def draw(self, spectrum: Spectrum, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
-        x, z = simulate_input(spectrum, self.galaxies, rng, self.preprocess)
+        x, z = simulate_input(spectrum, self.galaxies, rng, self.preprocess, self.sim)
         return torch.from_numpy(x), z
+
+
+def training_simulation(cfg: TrainConfig, train_spectra: list[Spectrum]) -> SimConfig:
+    """The SEDM simulation of training samples: the default, with ``z_pool_prob`` of the re-drawn redshifts taken
+    from the real redshifts of the training spectra's classes (validation stays on the default)."""
+    if cfg.z_pool_prob <= 0:
+        return SEDM_DEFAULT
+    return replace(SEDM_DEFAULT, z_pool_prob=cfg.z_pool_prob, z_pool=redshift_pool(train_spectra))
 
 
 def simulate_set(spectra: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, *, repeats: int,
@@ -196,7 +205,8 @@ def train(cfg: TrainConfig) -> Checkpoint:
         for part in ("train", "val"):
             for cls, row in summary[part].items():
                 print(f"{part:5s} {cls:7s} {row}")
-    dataset = SimulatedSEDM(train_spectra, galaxies, preprocess, cfg.seed)
+    sim = training_simulation(cfg, train_spectra)
+    dataset = SimulatedSEDM(train_spectra, galaxies, preprocess, cfg.seed, sim)
     x_val, y_val, z_val = simulate_set(val_spectra, galaxies, preprocess, repeats=cfg.val_repeats, seed=cfg.val_seed)
 
     # model, EMA, optimiser
@@ -287,7 +297,8 @@ def train(cfg: TrainConfig) -> Checkpoint:
         train_s = time.time() - t_start
         extra = {
             "trained": True, "preset": cfg.preset, "taxonomy_version": TAXONOMY_VERSION,
-            "parameters": count_parameters(ema), "train_config": asdict(cfg), "simulation": asdict(SEDM_DEFAULT),
+            "parameters": count_parameters(ema), "train_config": asdict(cfg),
+            "simulation": {**asdict(sim), "z_pool": {label: len(zs) for label, zs in sim.z_pool}},  # counts
             "data": summary, "best_step": best_step, "steps_run": step, "history": history,
             "validation": {**after, "ece_before_temperature": before["ece"], "ece_after_temperature": after["ece"],
                            "temperature": temperature,
