@@ -130,6 +130,25 @@ def test_revocation_commits_the_batch_in_flight_first(engine, database) -> None:
     assert consumer.committed == {(IN, 0): len(msgs)}
 
 
+def test_revoked_partitions_leave_the_lag_gauge(engine, database) -> None:
+    """After a rebalance the partition's lag is reported by its new owner; this replica's last value must go, or the
+    sum over replicas (what the autoscaler reads) counts it twice until a restart."""
+    msgs, _, _ = _messages(6)
+
+    class WatermarkConsumer(FakeConsumer):
+        def get_watermark_offsets(self, tp, cached: bool = False) -> tuple[int, int]:
+            return 0, len(msgs) + 5  # five more than we have: a lag of 5 after the last commit
+
+    consumer = WatermarkConsumer(msgs)
+    daemon = _daemon(consumer, FakeProducer(), database, engine)
+    daemon.run(max_messages=len(msgs))
+    lag = daemon.metrics.registry.get_sample_value("spectranet_consumer_lag", {"topic": IN, "partition": "0"})
+    assert lag == 5
+    consumer.callbacks["on_revoke"](consumer, consumer.assignment())
+    assert daemon.metrics.registry.get_sample_value("spectranet_consumer_lag", {"topic": IN, "partition": "0"}) is None
+    consumer.callbacks["on_revoke"](consumer, consumer.assignment())  # revoked again (on_lost): no error
+
+
 def test_a_packets_redshift_prior_is_the_rest_frame_it_is_classified_in(engine) -> None:
     codec = Codec("spectrum_packet")
     classifier = SpectrumClassifier(engine, codec=codec)

@@ -308,6 +308,11 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - the main loop retries it; here we only must not commit
                 log.warning("batch in flight not committed before revocation (%s); it will be redelivered", exc)
         self._revoked |= {(tp.topic, tp.partition) for tp in partitions}
+        for tp in partitions:  # another replica reports these partitions' lag now; a stale series would add to it
+            try:
+                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+            except KeyError:
+                pass  # no batch of this partition was committed here
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _poll(self) -> list[Message]:
