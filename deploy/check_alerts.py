@@ -31,7 +31,8 @@ METRICS_SOURCE = Path("streamer/runtime/metrics.py")
 COMPOSE = Path("deploy/compose.yaml")
 PROMETHEUS_CONFIG = Path("deploy/prometheus.yml")
 MOUNTED_AT = "/etc/prometheus/alerts.yml"
-EXPECTED_ALERTS = {"SpectraNetStalled", "SpectraNetDown", "SpectraNetConsumerLagHigh", "SpectraNetDeadLettersHigh"}
+EXPECTED_ALERTS = {"SpectraNetStalled", "SpectraNetDown", "SpectraNetAbsent", "SpectraNetConsumerLagHigh",
+                   "SpectraNetDeadLettersHigh"}
 PROMETHEUS_OWN = {"up"}
 
 # prometheus_client's exported series per instrument type (the _created series are left out: nothing alerts on them).
