@@ -16,6 +16,7 @@ from spectranet.streamer.science.model import (
     ModelConfig,
     MultiScalePool,
     SpectraNet,
+    combine_redshifts,
     count_flops,
     count_parameters,
     rest_frame_view,
@@ -304,3 +305,36 @@ def test_nan_redshift_rows_use_the_networks_own_estimate(models):
     torch.testing.assert_close(mixed.logits[[1, 3]], own.logits[[1, 3]])
     torch.testing.assert_close(mixed.logits[[0, 2]], fixed.logits[[0, 2]])
     assert torch.isfinite(mixed.logits).all() and not torch.allclose(mixed.logits[[0, 2]], own.logits[[0, 2]])
+
+
+def test_redshift_members_combine_by_inverse_variance_in_ln_one_plus_z():
+    z = torch.tensor([[0.10, 0.50, 0.0], [0.30, 0.50, -0.2]])       # [M=2, B=3]; a negative z counts as 0
+    var_ln = torch.tensor([[1e-4, 1e-2, 1e-2], [1e-2, 1e-2, 1e-2]])   # variance of ln(1 + z)
+    logvar = torch.log(var_ln * (1.0 + z.clamp(min=0.0)) ** 2)       # the heads' variance is of z itself
+    mean, comb_logvar = combine_redshifts(z, logvar)
+    w = 1.0 / var_ln[:, 0]
+    expected = math.expm1(float((w * torch.log1p(z[:, 0])).sum() / w.sum()))
+    assert float(mean[0]) == pytest.approx(expected, rel=1e-5) and abs(float(mean[0]) - 0.10) < 0.003  # the sure one
+    assert float(mean[1]) == pytest.approx(0.5, rel=1e-6)            # agreeing members: the same z ...
+    var1 = float(torch.exp(comb_logvar[1])) / 1.5 ** 2
+    assert var1 == pytest.approx(0.5e-2, rel=1e-4)                   # ... with half the variance
+    assert float(mean[2]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_model_with_redshift_members_classifies_the_combined_redshift(models):
+    base = models["default-two-networks"].eval()
+    cfg = replace(TWO, redshift_members=2)
+    model = SpectraNet(cfg).eval()
+    assert set(model.state_dict()) == set(base.state_dict()) | {f"z_members.0.{k}" for k in base.state_dict()
+                                                                   if not k.startswith("rest_net.")}
+    x = _input(TWO, 3)
+    with torch.no_grad():
+        out = model(x)
+        first: SpectraNet = model.z_members[0]  # type: ignore[assignment]
+        member = first._redshift(first.features(x))
+        own = model._redshift(model.features(x))
+        z, logvar = combine_redshifts(torch.stack([own[0], member[0]]), torch.stack([own[1], member[1]]))
+    torch.testing.assert_close(out.z_mean, z)
+    torch.testing.assert_close(out.logits, model.classify_at(x, z.clamp(0.0, cfg.max_shift_z)))
+    with pytest.raises(ValueError, match="redshift_members"):
+        replace(PRESETS["default"], redshift_members=2)  # one network has no rest frame to hand on

@@ -195,3 +195,33 @@ def test_init_from_starts_from_a_checkpoints_weights(tiny_data: Path, tmp_path: 
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     with pytest.raises(ConfigError, match="architecture"):
         train(TrainConfig(**{**base, "two_networks": False}, out_dir=str(tmp_path / "d"), init_from=src))
+
+
+def test_redshift_members_from_another_checkpoint(tiny_data: Path, tmp_path: Path):
+    """The assembled model's z is the inverse-variance combination of both checkpoints' redshift networks, its
+    classes the base classifier's at that z; a donor of another architecture is refused."""
+    from spectranet.streamer.science.model import combine_redshifts
+    from spectranet.training.ensemble import add_redshift_members
+
+    base: dict[str, Any] = dict(manifest=str(tiny_data / "manifest.csv"), two_networks=True, batch_size=4,
+                                warmup_steps=1, max_steps=1, eval_every=1, val_fraction=0.5, num_workers=0,
+                                resume=False, threads=1)
+    a = train(TrainConfig(**base, out_dir=str(tmp_path / "a"), version="0.0.1-a", seed=3))
+    b = train(TrainConfig(**base, out_dir=str(tmp_path / "b"), version="0.0.1-b", seed=4))
+    path_a, path_b = tmp_path / "a" / "spectranet-sedm-0.0.1-a", tmp_path / "b" / "spectranet-sedm-0.0.1-b"
+    both = add_redshift_members(path_a, [path_b], tmp_path / "ab", version="0.0.2")
+    loaded = load_checkpoint(tmp_path / "ab" / "spectranet-sedm-0.0.2")
+    assert loaded.model_config.redshift_members == 2 and loaded.extra["redshift_members"][0]["version"] == "0.0.1-b"
+    assert loaded.weights_sha256 == both.weights_sha256
+    net_a, net_b, net_ab = (ck.build_model().eval() for ck in (a, b, loaded))
+    x = torch.from_numpy(np.random.default_rng(0).normal(0, 0.3, (3, 2, a.model_config.n_bins)).astype(np.float32))
+    x[:, 1] = 1.0
+    with torch.no_grad():
+        oa, ob, oab = net_a(x), net_b(x), net_ab(x)
+        z, _ = combine_redshifts(torch.stack([oa.z_mean, ob.z_mean]), torch.stack([oa.z_logvar, ob.z_logvar]))
+        torch.testing.assert_close(oab.z_mean, z)
+        torch.testing.assert_close(oab.logits, net_a.classify_at(x, z.clamp(0.0, a.model_config.max_shift_z)))
+    one = train(TrainConfig(**{**base, "two_networks": False}, out_dir=str(tmp_path / "c"), version="0.0.1-c"))
+    with pytest.raises(ConfigError, match="architecture"):
+        add_redshift_members(path_a, [tmp_path / "c" / "spectranet-sedm-0.0.1-c"], tmp_path / "ac", version="0.0.2")
+    assert one.model_config.redshift_members == 1

@@ -14,6 +14,12 @@ log-wavelength grid a redshift is a shift by ln(1 + z) / step bins (``rest_frame
 one module on one observed-frame tensor. Inference shifts by the predicted z; training by the true z, jittered, or
 by the predicted one (``spectranet.training.train``'s ``z_noise`` and ``pred_z_fraction``).
 
+``redshift_members`` > 1 (two networks only) adds further observed-frame redshift networks, trained apart and put
+together afterwards (``spectranet.training.ensemble``): the redshift is their inverse-variance combination in
+ln(1 + z) (``combine_redshifts``), and the classifier reads the rest frame of that. Measured for spectranet-sedm
+0.7.0 (0.6.0 plus 0.5.0's redshift network) on the 1,935 real-degraded validation spectra: outliers 5.6% -> 5.0%,
+refined NMAD 0.0074 -> 0.0072; the plain mean gave 5.2%, the lower of the two 5.0% with more outliers above z 0.2.
+
 Presets are data (``PRESETS``); a checkpoint stores the ``ModelConfig`` that built it so loading rebuilds it exactly.
 """
 
@@ -21,14 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ModelConfig", "PRESETS", "DEFAULT_PRESET", "SpectraNet", "ModelOutput", "rest_frame_view",
-           "count_parameters", "count_flops"]
+           "combine_redshifts", "count_parameters", "count_flops"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class ModelConfig:
     two_networks: bool = False
     log_step: float = 0.0                                # ln-wavelength step of the input grid (two_networks)
     rest_bins: int = 0                                   # rest-frame grid length, ending where the input's ends
+    redshift_members: int = 1                            # observed-frame redshift networks combined (two_networks)
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.kernels):
@@ -60,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"norm must be 'layer' or 'batch', got {self.norm!r}")
         if self.n_bins % (2 ** (len(self.widths) - 1)) != 0:
             raise ValueError(f"n_bins={self.n_bins} must be divisible by 2**(stages-1) for the pooling")
+        if self.redshift_members < 1 or (self.redshift_members > 1 and not self.two_networks):
+            raise ValueError(f"redshift_members={self.redshift_members}: 1, or more with two_networks")
         if self.two_networks:
             if not self.log_step > 0:
                 raise ValueError("two_networks needs the input grid's log_step (> 0)")
@@ -162,7 +171,7 @@ def rest_frame_view(x: torch.Tensor, z: torch.Tensor, *, log_step: float, rest_b
 
 
 class SpectraNet(nn.Module):
-    def __init__(self, config: ModelConfig, *, redshift_head: bool = True) -> None:
+    def __init__(self, config: ModelConfig, *, redshift_head: bool = True, classifier: bool = True) -> None:
         super().__init__()
         self.config = config
         pool_factor = 3 if config.pooling == "multiscale" else 1
@@ -175,10 +184,15 @@ class SpectraNet(nn.Module):
         feat = 2 * config.widths[-1]  # global average + global max
         self.trunk = nn.Sequential(nn.Linear(feat, config.hidden), nn.GELU(), nn.Dropout(config.dropout))
         # with two networks this one predicts z only, and the rest-frame network only classifies
-        self.classifier = None if config.two_networks else nn.Linear(config.hidden, config.n_classes)
+        self.classifier = (nn.Linear(config.hidden, config.n_classes) if classifier and not config.two_networks
+                           else None)
         self.redshift = nn.Linear(config.hidden, 2) if redshift_head else None
-        self.rest_net = (SpectraNet(replace(config, n_bins=config.rest_bins, two_networks=False, rest_bins=0),
-                                    redshift_head=False) if config.two_networks else None)
+        self.rest_net = (SpectraNet(replace(config, n_bins=config.rest_bins, two_networks=False, rest_bins=0,
+                                            redshift_members=1), redshift_head=False) if config.two_networks else None)
+        # further redshift networks: this one's architecture without a classifier or a rest-frame network
+        self.z_members = nn.ModuleList(
+            SpectraNet(replace(config, two_networks=False, rest_bins=0, redshift_members=1), classifier=False)
+            for _ in range(config.redshift_members - 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, in_channels, n_bins]
@@ -201,15 +215,23 @@ class SpectraNet(nn.Module):
         """``z`` [B]: the redshift each rest-frame view uses (two networks only); None or NaN rows use the network's
         own prediction, which is how training shows the classifier the redshift errors it will meet at inference."""
         h = self.features(x)
-        if self.redshift is None:
-            raise TypeError("a network built without the redshift head is read through features() and _classify()")
-        zz: torch.Tensor = self.redshift(h)                        # [B, 2]
-        z_mean, z_logvar = zz[:, 0], zz[:, 1].clamp(-20.0, 10.0)
+        z_mean, z_logvar = self._redshift(h)
+        if len(self.z_members):
+            others = [m._redshift(m.features(x)) for m in cast(list[SpectraNet], list(self.z_members))]
+            z_mean, z_logvar = combine_redshifts(torch.stack([z_mean] + [m for m, _ in others]),
+                                                 torch.stack([z_logvar] + [v for _, v in others]))
         if self.rest_net is None:
             return ModelOutput(logits=self._classify(h), z_mean=z_mean, z_logvar=z_logvar, features=h)
         own = z_mean.detach()
         logits, h_rest = self._classify_rest_frame(x, own if z is None else torch.where(torch.isnan(z), own, z))
         return ModelOutput(logits=logits, z_mean=z_mean, z_logvar=z_logvar, features=h_rest)
+
+    def _redshift(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z mean [B], z log-variance [B]) from features [B, hidden]."""
+        if self.redshift is None:
+            raise TypeError("a network built without the redshift head is read through features() and _classify()")
+        zz: torch.Tensor = self.redshift(h)                        # [B, 2]
+        return zz[:, 0], zz[:, 1].clamp(-20.0, 10.0)
 
     def classify_at(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Logits [B, n_classes] of the classifier on the rest-frame view of ``x`` at redshifts ``z`` [B] (two
@@ -223,6 +245,18 @@ class SpectraNet(nn.Module):
                                rest_bins=self.config.rest_bins)
         h_rest = self.rest_net.features(rest)                      # [B, hidden]
         return self.rest_net._classify(h_rest), h_rest
+
+
+def combine_redshifts(z_mean: torch.Tensor, z_logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-variance combination of M Gaussian redshift estimates, z_mean and z_logvar [M, B], in ln(1 + z)
+    (each clipped at z >= 0, as the engine reports them): returns the combined (z mean [B], z log-variance [B])."""
+    z = z_mean.clamp(min=0.0)
+    ln = torch.log1p(z)                                            # [M, B]
+    weight = (1.0 + z) ** 2 * torch.exp(-z_logvar)                 # 1 / variance of ln(1 + z)
+    ln_mean = (weight * ln).sum(0) / weight.sum(0)
+    z_comb = torch.expm1(ln_mean)
+    var = (1.0 + z_comb) ** 2 / weight.sum(0)
+    return z_comb, torch.log(var).clamp(-20.0, 10.0)
 
 
 def count_parameters(model: nn.Module) -> int:

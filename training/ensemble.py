@@ -1,0 +1,67 @@
+"""Put further redshift networks beside a two-network checkpoint: ``ModelConfig.redshift_members``.
+
+``python -m spectranet.training.ensemble --base runs/v060-cal/spectranet-sedm-0.6.0 --redshift-from
+runs/v050-cal/spectranet-sedm-0.5.0 --version 0.7.0 --out runs/v070`` writes a checkpoint with the base's classifier
+and redshift network, plus the observed-frame redshift network of each ``--redshift-from`` checkpoint; the model
+combines their redshifts by inverse variance (``spectranet.streamer.science.model.combine_redshifts``) and classifies
+the rest frame of the combination. Nothing is retrained: calibrate the result again
+(``spectranet.training.calibrate``), since its final logits differ from the base's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from spectranet.streamer.errors import ConfigError
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.model import SpectraNet
+
+__all__ = ["add_redshift_members"]
+
+
+def add_redshift_members(base: str | Path, members: list[str | Path], out_dir: str | Path, *,
+                         version: str) -> Checkpoint:
+    """The checkpoint ``out_dir/<name>-<version>``: ``base`` with the redshift networks of ``members`` added."""
+    start = load_checkpoint(base)
+    cfg = start.model_config
+    if not cfg.two_networks:
+        raise ConfigError(f"{base}: redshift members need a two-network model")
+    donors = [load_checkpoint(m) for m in members]
+    for path, donor in zip(members, donors):
+        if replace(donor.model_config, redshift_members=1) != replace(cfg, redshift_members=1):
+            raise ConfigError(f"{path}: its architecture {donor.model_config} is not the base's {cfg}")
+        if donor.preprocess != start.preprocess:
+            raise ConfigError(f"{path}: its preprocessing differs from the base's")
+    model = SpectraNet(replace(cfg, redshift_members=cfg.redshift_members + len(donors)))
+    state = dict(start.state_dict)
+    first_new = cfg.redshift_members - 1  # index of the first added member in model.z_members
+    for k, donor in enumerate(donors):
+        own = donor.state_dict  # its observed-frame redshift network: everything but its classifier and members
+        for key, tensor in own.items():
+            if not key.startswith(("rest_net.", "z_members.")):
+                state[f"z_members.{first_new + k}.{key}"] = tensor
+    model.load_state_dict(state, strict=True)
+    extra = {**start.extra, "redshift_members": [
+        {"name": d.name, "version": d.version, "weights_sha256": d.weights_sha256} for d in donors]}
+    return save_checkpoint(model, Path(out_dir) / f"{start.name}-{version}", name=start.name, version=version,
+                           taxonomy=start.taxonomy, preprocess=start.preprocess, temperature=start.temperature,
+                           calibration=start.calibration, extra=extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="two-network checkpoint (path without suffix)")
+    ap.add_argument("--redshift-from", required=True, nargs="+", help="checkpoints whose redshift networks to add")
+    ap.add_argument("--version", required=True, help="version of the written checkpoint")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    ckpt = add_redshift_members(args.base, args.redshift_from, args.out, version=args.version)
+    print(f"wrote {args.out}/{ckpt.name}-{ckpt.version}.safetensors: {ckpt.model_config.redshift_members} redshift "
+          f"networks, sha256={ckpt.weights_sha256}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
