@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from spectranet.streamer.science.preprocess import PreprocessConfig
 from spectranet.training.data import Spectrum
+from spectranet.training.loop import TrainConfig
 from spectranet.training.simulate import (
     SEDM_DEFAULT,
     apply_lsf,
@@ -17,6 +18,7 @@ from spectranet.training.simulate import (
     simulate_input,
     simulate_sedm,
 )
+from spectranet.training.train import training_simulation
 
 
 def _template(label: str = "Ia", redshift: float = 0.0) -> Spectrum:
@@ -44,6 +46,20 @@ def test_redshifts_drawn_from_the_pool_of_real_ones():
     for spec, cfg in ((_template("Ib"), pooled), (_template("Ia"), SEDM_DEFAULT)):
         zs = np.array([draw_redshift(spec, rng, cfg) for _ in range(200)])
         assert zs.min() >= cfg.z_min and zs.max() <= cfg.z_upper(spec.label)
+
+
+def test_training_simulation_takes_the_configs_redshift_settings():
+    """``keep_source_z`` and ``z_pool_prob`` reach the simulation that draws training samples; the defaults keep
+    SimConfig's own, and an observed spectrum keeps its redshift as often as ``keep_source_z`` says."""
+    observed = [_template("Ia", 0.4), _template("II", 0.02)]
+    assert training_simulation(TrainConfig(), observed) == SEDM_DEFAULT
+    sim = training_simulation(TrainConfig(keep_source_z=0.8, z_pool_prob=0.5), observed)
+    assert sim.keep_source_z == 0.8 and sim.z_pool_prob == 0.5 and dict(sim.z_pool) == {"II": (0.02,), "Ia": (0.4,)}
+    rng = np.random.default_rng(1)
+    for keep in (0.0, 0.8, 1.0):
+        cfg = training_simulation(TrainConfig(keep_source_z=keep), observed)
+        kept = np.mean([draw_redshift(observed[0], rng, cfg) == 0.4 for _ in range(2000)])
+        assert abs(kept - keep) < 0.03
 
 
 def test_simulated_spectrum_is_on_sedm_pixels():

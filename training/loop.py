@@ -55,6 +55,7 @@ class TrainConfig:
     z_noise: float = 0.0
     pred_z_fraction: float = 0.0
     z_pool_prob: float = 0.0           # share of re-drawn training redshifts from the class's real ones (SimConfig)
+    keep_source_z: float = -1.0        # chance an observed spectrum keeps its own z (SimConfig); < 0: SimConfig's 0.3
     init_from: str = ""                # a checkpoint whose weights start the run (fine-tuning); ignored on resume
     normalisation: Normalisation = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0

@@ -128,10 +128,14 @@ class SimulatedSEDM(SimulatedSet):
 
 def training_simulation(cfg: TrainConfig, train_spectra: list[Spectrum]) -> SimConfig:
     """The SEDM simulation of training samples: the default, with ``z_pool_prob`` of the re-drawn redshifts taken
-    from the real redshifts of the training spectra's classes (validation stays on the default)."""
-    if cfg.z_pool_prob <= 0:
-        return SEDM_DEFAULT
-    return replace(SEDM_DEFAULT, z_pool_prob=cfg.z_pool_prob, z_pool=redshift_pool(train_spectra))
+    from the real redshifts of the training spectra's classes, and ``keep_source_z`` (when >= 0) the chance an observed
+    spectrum keeps its own redshift, as validation's real-degraded set always does (validation stays on the default)."""
+    sim = SEDM_DEFAULT
+    if cfg.z_pool_prob > 0:
+        sim = replace(sim, z_pool_prob=cfg.z_pool_prob, z_pool=redshift_pool(train_spectra))
+    if cfg.keep_source_z >= 0:
+        sim = replace(sim, keep_source_z=cfg.keep_source_z)
+    return sim
 
 
 def simulate_set(spectra: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, *, repeats: int,
