@@ -7,18 +7,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from spectranet.streamer.science.preprocess import PreprocessConfig
+from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training.data import Spectrum
 from spectranet.training.loop import TrainConfig
 from spectranet.training.simulate import (
     SEDM_DEFAULT,
     apply_lsf,
     draw_redshift,
+    mix_spectra,
     redshift_pool,
     sedm_pixels,
     simulate_input,
     simulate_sedm,
 )
-from spectranet.training.train import training_simulation
+from spectranet.training.train import SimulatedSEDM, mix_classes, training_simulation
 
 
 def _template(label: str = "Ia", redshift: float = 0.0) -> Spectrum:
@@ -107,3 +109,44 @@ def test_sedm_pixels_truncation_is_bounded():
     rng = np.random.default_rng(0)
     sizes = [sedm_pixels(rng, SEDM_DEFAULT).size for _ in range(200)]
     assert min(sizes) >= 214 - 2 * SEDM_DEFAULT.truncate_max and max(sizes) == 214
+
+
+def test_mix_spectra_blends_two_spectra_of_a_class_in_the_rest_frame():
+    a = _template("Ib", 0.05)
+    b = replace(_template("Ib"), wave=np.arange(3000.0, 11000.0, 3.0), object_id="sn-other")
+    b = replace(b, flux=1.0 + 0.5 * np.cos(b.wave / 150.0))
+    b = replace(b, flux=b.flux / np.median(b.flux))
+    mixed = mix_spectra(a, b, 0.25)
+    inside = a.wave >= 3000.0
+    assert np.array_equal(mixed.wave, a.wave[inside])  # a's wavelengths where b covers them
+    expected = 0.25 * a.flux[inside] + 0.75 * np.interp(mixed.wave, b.wave, b.flux)
+    assert np.allclose(mixed.flux, expected / np.median(expected)) and np.median(mixed.flux) == pytest.approx(1.0)
+    assert (mixed.label, mixed.object_id, mixed.redshift) == (a.label, a.object_id, a.redshift)
+    assert np.allclose(mix_spectra(a, b, 1.0).flux, a.flux[inside] / np.median(a.flux[inside]))
+    # too little overlap: a unchanged
+    far = replace(b, wave=np.arange(9000.0, 12000.0, 3.0), flux=np.ones(1000))
+    assert mix_spectra(a, far, 0.5) is a
+
+
+def test_small_classes_are_mixed_with_another_object_of_their_class():
+    """A flat Ib spectrum's draws show the strong line of the other Ib objects only when mixing is on; Ia (200
+    objects, not a small class) is drawn unmixed."""
+    pre = PreprocessConfig()
+    wave = np.arange(2500.0, 9800.0, 2.0)
+    flat = replace(_template("Ib"), object_id="sn-flat", flux=np.ones_like(wave))
+    bump = 1.0 + 5.0 * np.exp(-0.5 * ((wave - 6000.0) / 40.0) ** 2)
+    line = [replace(_template("Ib"), object_id=f"sn-line{k}", flux=bump) for k in range(2)]
+    ia = [replace(_template("Ia"), object_id=f"sn-ia{k}") for k in range(200)]
+    spectra = [flat, *line, *ia]
+    assert mix_classes(TrainConfig(mix_prob=0.5, mix_max_objects=150), spectra) == ("Ib",)
+    assert mix_classes(TrainConfig(mix_prob=0.0), spectra) == ()
+    plain = SimulatedSEDM(spectra, [], pre, seed=3)
+    mixed = SimulatedSEDM(spectra, [], pre, seed=3, mix_prob=1.0, mix_classes=("Ib",))
+
+    def peak(ds: SimulatedSEDM, i: int) -> float:
+        return float(np.median([np.abs(ds[(epoch, i)][0][0].numpy()).max() for epoch in range(12)]))
+
+    assert peak(mixed, 0) > 1.6 * peak(plain, 0)   # the flat spectrum's draws carry the line of another Ib object
+    assert mixed[(0, 0)][1] == plain[(0, 0)][1] == CLASSES.index("Ib")
+    for epoch in range(3):
+        assert np.allclose(plain[(epoch, 10)][0], mixed[(epoch, 10)][0])  # Ia: drawn exactly as before

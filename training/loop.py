@@ -56,6 +56,10 @@ class TrainConfig:
     pred_z_fraction: float = 0.0
     z_pool_prob: float = 0.0           # share of re-drawn training redshifts from the class's real ones (SimConfig)
     keep_source_z: float = -1.0        # chance an observed spectrum keeps its own z (SimConfig); < 0: SimConfig's 0.3
+    # Same-class mixing: a ``mix_prob`` share of the draws of a class with at most ``mix_max_objects`` training
+    # objects is a rest-frame blend of the spectrum with one of another object of its class (simulate.mix_spectra).
+    mix_prob: float = 0.0
+    mix_max_objects: int = 150
     init_from: str = ""                # a checkpoint whose weights start the run (fine-tuning); ignored on resume
     normalisation: Normalisation = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0

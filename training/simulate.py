@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -29,8 +29,8 @@ from spectranet.streamer.errors import PreprocessError
 from spectranet.streamer.science.preprocess import PreprocessConfig, prepare
 from spectranet.training.data import Spectrum
 
-__all__ = ["SimConfig", "Simulated", "SEDM_DEFAULT", "draw_redshift", "redshift_pool", "sedm_pixels", "apply_lsf",
-           "simulate_sedm", "first_usable", "simulate_input", "to_model_input"]
+__all__ = ["SimConfig", "Simulated", "SEDM_DEFAULT", "draw_redshift", "redshift_pool", "mix_spectra", "sedm_pixels",
+           "apply_lsf", "simulate_sedm", "first_usable", "simulate_input", "to_model_input"]
 
 T = TypeVar("T")
 
@@ -104,6 +104,18 @@ def redshift_pool(spectra: Sequence[Spectrum]) -> tuple[tuple[str, tuple[float, 
         if s.redshift > 0:
             pool.setdefault(s.label, []).append(round(float(s.redshift), 5))
     return tuple((label, tuple(sorted(zs))) for label, zs in sorted(pool.items()))
+
+
+def mix_spectra(a: Spectrum, b: Spectrum, weight: float, *, min_overlap: float = 0.5) -> Spectrum:
+    """``weight`` * a + (1 - weight) * b in the rest frame, on a's wavelengths where b covers them (both are median 1),
+    keeping a's label, object, redshift and phase: a new spectrum of the class for the small classes' training
+    samples (same-class mixing). Returns ``a`` unchanged where the two share less than ``min_overlap`` of a's range."""
+    inside = (a.wave >= b.wave[0]) & (a.wave <= b.wave[-1])
+    if inside.sum() < 2 or (a.wave[inside][-1] - a.wave[inside][0]) < min_overlap * (a.wave[-1] - a.wave[0]):
+        return a
+    wave = a.wave[inside]
+    flux = weight * a.flux[inside] + (1.0 - weight) * np.interp(wave, b.wave, b.flux)
+    return replace(a, wave=wave, flux=flux / np.median(flux), path=f"{a.path} + {b.path}")
 
 
 def sedm_pixels(rng: np.random.Generator, cfg: SimConfig) -> np.ndarray:

@@ -76,7 +76,7 @@ from spectranet.training.loop import (
     train_step,
     val_metrics,
 )
-from spectranet.training.simulate import SEDM_DEFAULT, SimConfig, redshift_pool, simulate_input
+from spectranet.training.simulate import SEDM_DEFAULT, SimConfig, mix_spectra, redshift_pool, simulate_input
 from tqdm import tqdm
 
 _RANGE = PreprocessConfig().grid  # the model's wavelength range (streamer's default grid); bins follow the preset
@@ -114,16 +114,34 @@ def load_split(cfg: TrainConfig) -> tuple[list[Spectrum], list[Spectrum], list, 
 
 
 class SimulatedSEDM(SimulatedSet):
-    """Item (epoch, i): spectrum i simulated at SEDM resolution through the inference preprocessing, x [2, n_bins]."""
+    """Item (epoch, i): spectrum i simulated at SEDM resolution through the inference preprocessing, x [2, n_bins];
+    for the small classes (``mix_classes``) a ``mix_prob`` share of draws blends it first with a spectrum of another
+    object of its class, weight uniform in [0.2, 0.8]."""
 
     def __init__(self, spectra: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, seed: int,
-                 sim: SimConfig = SEDM_DEFAULT) -> None:
+                 sim: SimConfig = SEDM_DEFAULT, *, mix_prob: float = 0.0, mix_classes: tuple[str, ...] = ()) -> None:
         super().__init__(spectra, galaxies, seed)
-        self.preprocess, self.sim = preprocess, sim
+        self.preprocess, self.sim, self.mix_prob = preprocess, sim, mix_prob
+        self.by_class = {c: [s for s in spectra if s.label == c] for c in mix_classes}
 
     def draw(self, spectrum: Spectrum, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+        partners = self.by_class.get(spectrum.label, ())
+        if partners and rng.random() < self.mix_prob:
+            partner = partners[int(rng.integers(len(partners)))]
+            if partner.object_id != spectrum.object_id:
+                spectrum = mix_spectra(spectrum, partner, float(rng.uniform(0.2, 0.8)))
         x, z = simulate_input(spectrum, self.galaxies, rng, self.preprocess, self.sim)
         return torch.from_numpy(x), z
+
+
+def mix_classes(cfg: TrainConfig, spectra: list[Spectrum]) -> tuple[str, ...]:
+    """The classes whose draws are mixed: at most ``mix_max_objects`` training objects (none when ``mix_prob`` is 0)."""
+    if cfg.mix_prob <= 0:
+        return ()
+    objects: dict[str, set[str]] = {}
+    for s in spectra:
+        objects.setdefault(s.label, set()).add(s.object_id)
+    return tuple(c for c in CLASSES if 0 < len(objects.get(c, ())) <= cfg.mix_max_objects)
 
 
 def training_simulation(cfg: TrainConfig, train_spectra: list[Spectrum]) -> SimConfig:
@@ -210,7 +228,10 @@ def train(cfg: TrainConfig) -> Checkpoint:
             for cls, row in summary[part].items():
                 print(f"{part:5s} {cls:7s} {row}")
     sim = training_simulation(cfg, train_spectra)
-    dataset = SimulatedSEDM(train_spectra, galaxies, preprocess, cfg.seed, sim)
+    dataset = SimulatedSEDM(train_spectra, galaxies, preprocess, cfg.seed, sim, mix_prob=cfg.mix_prob,
+                            mix_classes=mix_classes(cfg, train_spectra))
+    if main_proc and dataset.by_class:
+        print(f"same-class mixing ({cfg.mix_prob:.0%} of draws): {', '.join(dataset.by_class)}")
     x_val, y_val, z_val = simulate_set(val_spectra, galaxies, preprocess, repeats=cfg.val_repeats, seed=cfg.val_seed)
 
     # model, EMA, optimiser
