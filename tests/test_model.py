@@ -338,3 +338,23 @@ def test_a_model_with_redshift_members_classifies_the_combined_redshift(models):
     torch.testing.assert_close(out.logits, model.classify_at(x, z.clamp(0.0, cfg.max_shift_z)))
     with pytest.raises(ValueError, match="redshift_members"):
         replace(PRESETS["default"], redshift_members=2)  # one network has no rest frame to hand on
+
+
+def test_classifier_views_average_the_logits_of_shifted_rest_frame_views(models):
+    """``classifier_views``: the logits are the mean of the one-view logits at ln(1 + z) + d, same weights, same
+    parameters; the views are one batch, so a spectrum's result does not depend on its neighbours."""
+    base = models["default-two-networks"].eval()
+    cfg = replace(TWO, classifier_views=(-0.02, 0.0, 0.02))
+    model = SpectraNet(cfg).eval()
+    model.load_state_dict(base.state_dict(), strict=True)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    x, z = _input(TWO, 3), torch.tensor([0.02, 0.1, 0.3])
+    with torch.no_grad():
+        views = [base.classify_at(x, torch.expm1(torch.log1p(z) + d)) for d in cfg.classifier_views]
+        torch.testing.assert_close(model.classify_at(x, z), torch.stack(views).mean(0))
+        assert not torch.allclose(model.classify_at(x, z), base.classify_at(x, z), atol=1e-4)
+        torch.testing.assert_close(model.classify_at(x[1:2], z[1:2]), model.classify_at(x, z)[1:2])
+        out = model(x)
+        torch.testing.assert_close(out.logits, model.classify_at(x, out.z_mean.clamp(0.0, cfg.max_shift_z)))
+    with pytest.raises(ValueError, match="classifier_views"):
+        replace(PRESETS["default"], classifier_views=(0.0,))  # one network has no rest-frame classifier

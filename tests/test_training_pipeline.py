@@ -221,6 +221,16 @@ def test_redshift_members_from_another_checkpoint(tiny_data: Path, tmp_path: Pat
         z, _ = combine_redshifts(torch.stack([oa.z_mean, ob.z_mean]), torch.stack([oa.z_logvar, ob.z_logvar]))
         torch.testing.assert_close(oab.z_mean, z)
         torch.testing.assert_close(oab.logits, net_a.classify_at(x, z.clamp(0.0, a.model_config.max_shift_z)))
+    # test-time views of the classifier, with or without members: the mean of the base classifier's shifted views
+    viewed = add_redshift_members(path_ab := tmp_path / "ab" / "spectranet-sedm-0.0.2", [], tmp_path / "abv",
+                                  version="0.0.3", classifier_views=(-0.02, 0.02))
+    assert viewed.model_config.classifier_views == (-0.02, 0.02) and viewed.model_config.redshift_members == 2
+    net_v = load_checkpoint(tmp_path / "abv" / "spectranet-sedm-0.0.3").build_model().eval()
+    with torch.no_grad():
+        zc = z.clamp(0.0, a.model_config.max_shift_z)
+        shifted = [net_a.classify_at(x, torch.expm1(torch.log1p(zc) + d)) for d in (-0.02, 0.02)]
+        torch.testing.assert_close(net_v(x).logits, torch.stack(shifted).mean(0))
+    assert load_checkpoint(path_ab).model_config.classifier_views == ()
     one = train(TrainConfig(**{**base, "two_networks": False}, out_dir=str(tmp_path / "c"), version="0.0.1-c"))
     with pytest.raises(ConfigError, match="architecture"):
         add_redshift_members(path_a, [tmp_path / "c" / "spectranet-sedm-0.0.1-c"], tmp_path / "ac", version="0.0.2")

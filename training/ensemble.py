@@ -1,11 +1,13 @@
-"""Put further redshift networks beside a two-network checkpoint: ``ModelConfig.redshift_members``.
+"""Put further redshift networks beside a two-network checkpoint (``ModelConfig.redshift_members``), and set its
+classifier's test-time views (``ModelConfig.classifier_views``).
 
 ``python -m spectranet.training.ensemble --base runs/v060-cal/spectranet-sedm-0.6.0 --redshift-from
 runs/v050-cal/spectranet-sedm-0.5.0 --version 0.7.0 --out runs/v070`` writes a checkpoint with the base's classifier
 and redshift network, plus the observed-frame redshift network of each ``--redshift-from`` checkpoint; the model
 combines their redshifts by inverse variance (``spectranet.streamer.science.model.combine_redshifts``) and classifies
-the rest frame of the combination. Nothing is retrained: calibrate the result again
-(``spectranet.training.calibrate``), since its final logits differ from the base's.
+the rest frame of the combination. ``--classifier-views -0.02 0.02`` makes the classifier's logits the mean over
+rest-frame views at ln(1 + z) -/+ 0.02 (one classifier pass per view). Nothing is retrained: calibrate the result
+again (``spectranet.training.calibrate``), since its final logits differ from the base's.
 """
 
 from __future__ import annotations
@@ -22,19 +24,22 @@ __all__ = ["add_redshift_members"]
 
 
 def add_redshift_members(base: str | Path, members: list[str | Path], out_dir: str | Path, *,
-                         version: str) -> Checkpoint:
-    """The checkpoint ``out_dir/<name>-<version>``: ``base`` with the redshift networks of ``members`` added."""
+                         version: str, classifier_views: tuple[float, ...] | None = None) -> Checkpoint:
+    """The checkpoint ``out_dir/<name>-<version>``: ``base`` with the redshift networks of ``members`` added, and
+    ``classifier_views`` (when given) as its classifier's test-time views."""
     start = load_checkpoint(base)
     cfg = start.model_config
     if not cfg.two_networks:
         raise ConfigError(f"{base}: redshift members need a two-network model")
     donors = [load_checkpoint(m) for m in members]
     for path, donor in zip(members, donors):
-        if replace(donor.model_config, redshift_members=1) != replace(cfg, redshift_members=1):
+        if replace(donor.model_config, redshift_members=1, classifier_views=()) != \
+                replace(cfg, redshift_members=1, classifier_views=()):
             raise ConfigError(f"{path}: its architecture {donor.model_config} is not the base's {cfg}")
         if donor.preprocess != start.preprocess:
             raise ConfigError(f"{path}: its preprocessing differs from the base's")
-    model = SpectraNet(replace(cfg, redshift_members=cfg.redshift_members + len(donors)))
+    views = cfg.classifier_views if classifier_views is None else tuple(classifier_views)
+    model = SpectraNet(replace(cfg, redshift_members=cfg.redshift_members + len(donors), classifier_views=views))
     state = dict(start.state_dict)
     first_new = cfg.redshift_members - 1  # index of the first added member in model.z_members
     for k, donor in enumerate(donors):
@@ -53,13 +58,16 @@ def add_redshift_members(base: str | Path, members: list[str | Path], out_dir: s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="two-network checkpoint (path without suffix)")
-    ap.add_argument("--redshift-from", required=True, nargs="+", help="checkpoints whose redshift networks to add")
+    ap.add_argument("--redshift-from", nargs="*", default=[], help="checkpoints whose redshift networks to add")
+    ap.add_argument("--classifier-views", nargs="+", type=float, help="offsets in ln(1 + z) of the classifier's "
+                    "test-time views (default: the base's)")
     ap.add_argument("--version", required=True, help="version of the written checkpoint")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
-    ckpt = add_redshift_members(args.base, args.redshift_from, args.out, version=args.version)
+    views = None if args.classifier_views is None else tuple(args.classifier_views)
+    ckpt = add_redshift_members(args.base, args.redshift_from, args.out, version=args.version, classifier_views=views)
     print(f"wrote {args.out}/{ckpt.name}-{ckpt.version}.safetensors: {ckpt.model_config.redshift_members} redshift "
-          f"networks, sha256={ckpt.weights_sha256}")
+          f"networks, classifier views {ckpt.model_config.classifier_views or (0.0,)}, sha256={ckpt.weights_sha256}")
     return 0
 
 

@@ -54,6 +54,9 @@ class ModelConfig:
     log_step: float = 0.0                                # ln-wavelength step of the input grid (two_networks)
     rest_bins: int = 0                                   # rest-frame grid length, ending where the input's ends
     redshift_members: int = 1                            # observed-frame redshift networks combined (two_networks)
+    # Test-time views (two_networks): the classifier's logits are the mean over rest-frame views at ln(1 + z) + d for
+    # each offset d; () is the one view at z. Each view costs one classifier pass.
+    classifier_views: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.kernels):
@@ -69,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"n_bins={self.n_bins} must be divisible by 2**(stages-1) for the pooling")
         if self.redshift_members < 1 or (self.redshift_members > 1 and not self.two_networks):
             raise ValueError(f"redshift_members={self.redshift_members}: 1, or more with two_networks")
+        if self.classifier_views and not self.two_networks:
+            raise ValueError("classifier_views need two_networks (a rest-frame classifier)")
         if self.two_networks:
             if not self.log_step > 0:
                 raise ValueError("two_networks needs the input grid's log_step (> 0)")
@@ -88,6 +93,7 @@ class ModelConfig:
         d = dict(d)
         d["widths"] = tuple(d["widths"])
         d["kernels"] = tuple(tuple(k) for k in d["kernels"])
+        d["classifier_views"] = tuple(d.get("classifier_views", ()))
         return cls(**d)
 
 
@@ -188,10 +194,12 @@ class SpectraNet(nn.Module):
                            else None)
         self.redshift = nn.Linear(config.hidden, 2) if redshift_head else None
         self.rest_net = (SpectraNet(replace(config, n_bins=config.rest_bins, two_networks=False, rest_bins=0,
-                                            redshift_members=1), redshift_head=False) if config.two_networks else None)
+                                            redshift_members=1, classifier_views=()), redshift_head=False)
+                         if config.two_networks else None)
         # further redshift networks: this one's architecture without a classifier or a rest-frame network
         self.z_members = nn.ModuleList(
-            SpectraNet(replace(config, two_networks=False, rest_bins=0, redshift_members=1), classifier=False)
+            SpectraNet(replace(config, two_networks=False, rest_bins=0, redshift_members=1, classifier_views=()),
+                       classifier=False)
             for _ in range(config.redshift_members - 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,12 +247,22 @@ class SpectraNet(nn.Module):
         return self._classify_rest_frame(x, z)[0]
 
     def _classify_rest_frame(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, C], features [B, hidden]) of the rest-frame classifier at ``z``; with ``classifier_views`` the
+        means over the views at ln(1 + z) + d, run as one batch."""
         if self.rest_net is None:
             raise TypeError("classify_at needs a two-network model (its classifier reads the rest frame)")
+        views = self.config.classifier_views
+        if views:
+            n = len(x)
+            z = torch.cat([torch.expm1(torch.log1p(z.clamp(min=0.0)) + d) for d in views])
+            x = x.repeat(len(views), 1, 1)
         rest = rest_frame_view(x, z.clamp(0.0, self.config.max_shift_z), log_step=self.config.log_step,
                                rest_bins=self.config.rest_bins)
-        h_rest = self.rest_net.features(rest)                      # [B, hidden]
-        return self.rest_net._classify(h_rest), h_rest
+        h_rest = self.rest_net.features(rest)                      # [B * views, hidden]
+        logits = self.rest_net._classify(h_rest)
+        if views:
+            return logits.view(len(views), n, -1).mean(0), h_rest.view(len(views), n, -1).mean(0)
+        return logits, h_rest
 
 
 def combine_redshifts(z_mean: torch.Tensor, z_logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
