@@ -20,6 +20,10 @@ ln(1 + z) (``combine_redshifts``), and the classifier reads the rest frame of th
 0.7.0 (0.6.0 plus 0.5.0's redshift network) on the 1,935 real-degraded validation spectra: outliers 5.6% -> 5.0%,
 refined NMAD 0.0074 -> 0.0072; the plain mean gave 5.2%, the lower of the two 5.0% with more outliers above z 0.2.
 
+``classifier_views`` (two networks only; set on a trained checkpoint by ``spectranet.training.ensemble``) makes the
+classifier's logits the mean over rest-frame views at ln(1 + z) + d, one classifier pass per view: a test-time average
+over the redshift's uncertainty.
+
 Presets are data (``PRESETS``); a checkpoint stores the ``ModelConfig`` that built it so loading rebuilds it exactly.
 """
 
