@@ -379,6 +379,22 @@ def test_dropout_seed_gives_equal_networks_equal_steps_and_leaves_the_global_rng
     assert train_step(c, x, y, z, lr=1e-2, weights=w, cfg=cfg, dropout_seed=8).loss != first.loss  # other masks
 
 
+def test_bf16_cpu_runs_the_cpu_step_in_bf16_and_keeps_the_weights_float32():
+    x, y, z = _batch()
+    w = torch.ones(len(CLASSES))
+    steps = {}
+    for bf16 in (False, True):
+        cfg = TrainConfig(bf16_cpu=bf16)
+        t = Trainee.create(_tiny_net(), cfg)
+        seen: list[torch.dtype] = []
+        hook = t.model.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.logits.dtype))
+        steps[bf16] = train_step(t, x, y, z, lr=1e-2, weights=w, cfg=cfg, dropout_seed=3)
+        hook.remove()
+        assert seen == [torch.bfloat16 if bf16 else torch.float32]
+        assert steps[bf16].applied and all(p.dtype == torch.float32 for p in t.model.parameters())
+    assert steps[True].loss == pytest.approx(steps[False].loss, rel=0.05) and steps[True].loss != steps[False].loss
+
+
 def test_first_usable_draws_again_until_the_user_accepts():
     spec = _spec("t", "Ia")
     seen = []
