@@ -19,6 +19,7 @@ from spectranet.training import metrics as M
 from spectranet.training.ablation import Variant, run_ablation, winner_overrides
 from spectranet.training.calibrate import evaluation_sets
 from spectranet.training.data import load_galaxies, load_spectra, read_manifest, save_pack
+from spectranet.training.ensemble import add_redshift_members
 from spectranet.training.evaluate import evaluate
 from spectranet.training.train import TrainConfig, load_split, train
 
@@ -193,6 +194,13 @@ def test_init_from_starts_from_a_checkpoints_weights(tiny_data: Path, tmp_path: 
     wa, wb, wc = (ck.build_model().state_dict() for ck in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    # test-time classifier views (set at assembly) are not weights: a run starts from such a checkpoint as well
+    viewed = add_redshift_members(src, [], str(tmp_path / "v"), version="0.0.1-v", classifier_views=(-0.02, 0.02))
+    assert viewed.model_config.classifier_views == (-0.02, 0.02)
+    e = train(TrainConfig(**base, out_dir=str(tmp_path / "e"), version="0.0.1-e", lr=0.0,
+                          init_from=str(tmp_path / "v" / "spectranet-sedm-0.0.1-v")))
+    assert e.model_config.classifier_views == () and all(torch.equal(wa[k], v) for k, v in
+                                                         e.build_model().state_dict().items())
     with pytest.raises(ConfigError, match="architecture"):
         train(TrainConfig(**{**base, "two_networks": False}, out_dir=str(tmp_path / "d"), init_from=src))
 
@@ -201,7 +209,6 @@ def test_redshift_members_from_another_checkpoint(tiny_data: Path, tmp_path: Pat
     """The assembled model's z is the inverse-variance combination of both checkpoints' redshift networks, its
     classes the base classifier's at that z; a donor of another architecture is refused."""
     from spectranet.streamer.science.model import combine_redshifts
-    from spectranet.training.ensemble import add_redshift_members
 
     base: dict[str, Any] = dict(manifest=str(tiny_data / "manifest.csv"), two_networks=True, batch_size=4,
                                 warmup_steps=1, max_steps=1, eval_every=1, val_fraction=0.5, num_workers=0,

@@ -245,7 +245,8 @@ def train(cfg: TrainConfig) -> Checkpoint:
     resuming = cfg.resume and state_path.is_file()
     if cfg.init_from and not resuming:
         start = load_checkpoint(cfg.init_from)
-        if start.model_config != model_cfg:
+        # test-time classifier views are set at assembly (training/ensemble.py), not trained: weights match without them
+        if replace(start.model_config, classifier_views=()) != model_cfg:
             raise ConfigError(f"init_from {cfg.init_from}: its architecture {start.model_config} is not this "
                               f"config's {model_cfg}")
         model.load_state_dict(start.build_model().state_dict()), ema.load_state_dict(model.state_dict())
