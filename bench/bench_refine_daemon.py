@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "on": {"SPECTRANET_MODEL__TEMPLATES": ""},
     "off": {"SPECTRANET_MODEL__TEMPLATES": "none"},
     "on, 2 BLAS threads": {"SPECTRANET_MODEL__TEMPLATES": "", "OPENBLAS_NUM_THREADS": "2"},
+    "on, bf16": {"SPECTRANET_MODEL__TEMPLATES": "", "SPECTRANET_MODEL__PRECISION": "bfloat16"},
 }
 _TICK = os.sysconf("SC_CLK_TCK")
 

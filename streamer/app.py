@@ -101,7 +101,8 @@ def build_inference(settings: ModelSettings) -> InferenceEngine:
         raise ConfigError(str(Problem(str(exc), setting_names("model.templates"),
                                       'give a bank that fits the model, "" for the shipped one, or "none"'))) from exc
     return InferenceEngine(checkpoint, device=settings.device, max_forward_batch=settings.max_forward_batch,
-                           cpu_forward_batch=settings.cpu_forward_batch, threads=settings.threads, templates=templates)
+                           cpu_forward_batch=settings.cpu_forward_batch, threads=settings.threads, templates=templates,
+                           precision=settings.precision)
 
 
 def build_daemon(settings: Settings, *, upgrade_database: bool | None = None,

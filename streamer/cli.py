@@ -141,7 +141,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         templates = resolve_template_bank(args.templates, checkpoint)
     except (CheckpointError, ConfigError) as exc:
         raise ConfigError(f"--templates {args.templates!r}: {exc}") from exc
-    inference = InferenceEngine(checkpoint, device=args.device, templates=templates, threads=args.threads or None)
+    inference = InferenceEngine(checkpoint, device=args.device, templates=templates, threads=args.threads or None,
+                                precision=args.precision)
     failed = 0
     for result in classify_files(args.files, inference):
         failed += "error" in result
@@ -252,6 +253,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the CPU batches are small, and on a busy machine more threads "
                         "spin, measured 14x slower on 2 shared cores; 0: one per core)")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="network arithmetic (default auto: bf16 on CUDA, float32 on CPU; bfloat16 halves the CPU time "
+                        "on an AMX/AVX512-BF16 CPU and changes 1.5%% of the calls)")
     p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("db", help="database management")

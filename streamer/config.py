@@ -127,6 +127,7 @@ class ModelSettings(_Section):
     max_forward_batch: int = 256                    # per forward pass on GPU (halves on out-of-memory)
     cpu_forward_batch: int = 16                     # per forward pass on CPU, where small batches are faster
     threads: int | None = None                   # torch intra-op threads; None: one per core
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, float32 on CPU
     templates: str = ""                          # template bank refining redshifts: "" the shipped one, "none", a path
 
 

@@ -54,6 +54,7 @@ def test_conflicting_topics_raise_a_clear_error(monkeypatch) -> None:
     ("SPECTRANET_LOG_LEVEL", "LOUD", "log_level"),
     ("SPECTRANET_BATCH__MAX_PACKETS", "many", "max_packets"),
     ("SPECTRANET_KAFKA__AUTO_OFFSET_RESET", "sometimes", "auto_offset_reset"),
+    ("SPECTRANET_MODEL__PRECISION", "fp8", "precision"),
 ])
 def test_invalid_values_name_the_setting(monkeypatch, key: str, value: str, fragment: str) -> None:
     monkeypatch.setenv(key, value)

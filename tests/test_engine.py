@@ -15,7 +15,7 @@ from spectranet.streamer.contract.readers import prepare_file, read_spectrum
 from spectranet.streamer.errors import CheckpointError, ConfigError
 from spectranet.streamer.science.calibration import Calibration, OutOfDistribution
 from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
-from spectranet.streamer.science.inference import InferenceEngine, select_device
+from spectranet.streamer.science.inference import InferenceEngine, resolve_precision, select_device
 from spectranet.streamer.science.model import ModelConfig, ModelOutput, SpectraNet
 from spectranet.streamer.science.preprocess import Grid, Prepared, PreprocessConfig, prepare
 from spectranet.streamer.science.taxonomy import CLASSES
@@ -333,3 +333,28 @@ def test_a_known_redshift_is_the_rest_frame_the_classifier_reads():
                                shipped.probabilities(given.logits), rtol=1e-6)
     with pytest.raises(ValueError, match="one redshift"):
         engine.outputs(x, prior[:-1])
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+
+def test_precision_is_float32_on_cpu_unless_bf16_is_asked_for():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("auto", cuda) == resolve_precision("bfloat16", cpu) == torch.bfloat16
+    assert resolve_precision("float32", cuda) == torch.float32
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        resolve_precision("fp16", cpu)
+
+
+def test_bf16_on_cpu_computes_in_bf16_and_stays_close_to_float32(checkpoint, monkeypatch):
+    x = _arrays(32, seed=9)
+    exact = InferenceEngine(checkpoint, device="cpu", warmup=False)
+    half = InferenceEngine(checkpoint, device="cpu", warmup=False, precision="bfloat16")
+    seen: list[torch.dtype] = []
+    half.model.register_forward_hook(lambda _m, _i, out: seen.append(out.logits.dtype))
+    a, b = exact.outputs(x), half.outputs(x)
+    assert exact.dtype == torch.float32 and half.dtype == torch.bfloat16 and set(seen) == {torch.bfloat16}
+    assert b.logits.dtype == np.float32 and not np.array_equal(a.logits, b.logits)  # rounded, as bf16 rounds
+    np.testing.assert_allclose(b.logits, a.logits, atol=0.05 * np.abs(a.logits).max())
+    assert (a.logits.argmax(1) == b.logits.argmax(1)).mean() >= 0.9

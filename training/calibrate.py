@@ -194,10 +194,11 @@ def validation_template_bank(data_manifest: str | Path, grid: Grid, val: list[Sp
         return None
 
 
-def final_engine(ckpt: Checkpoint, bank: TemplateBank | None) -> InferenceEngine:
+def final_engine(ckpt: Checkpoint, bank: TemplateBank | None, *, precision: str = "float32") -> InferenceEngine:
     """The daemon's inference on ``ckpt`` with ``bank``: ``.outputs(x).logits`` are the logits its probabilities come
-    from (at the refined redshift where the templates moved it), which is what calibration is fitted on."""
-    return InferenceEngine(ckpt, device="cpu", warmup=False, templates=bank, cpu_forward_batch=64)
+    from (at the refined redshift where the templates moved it), which is what calibration is fitted on. Float32 by
+    default, so that a model's calibration and evaluation do not depend on the CPU they ran on."""
+    return InferenceEngine(ckpt, device="cpu", warmup=False, templates=bank, cpu_forward_batch=64, precision=precision)
 
 
 def fit_calibration(x_train: np.ndarray, x_non_transient: np.ndarray, x_val: np.ndarray, real_logits: np.ndarray,
