@@ -242,3 +242,35 @@ def test_redshift_members_from_another_checkpoint(tiny_data: Path, tmp_path: Pat
     with pytest.raises(ConfigError, match="architecture"):
         add_redshift_members(path_a, [tmp_path / "c" / "spectranet-sedm-0.0.1-c"], tmp_path / "ac", version="0.0.2")
     assert one.model_config.redshift_members == 1
+
+
+def test_refit_head_changes_only_the_classifiers_last_layer(tiny_data: Path, tmp_path: Path, monkeypatch):
+    """The refitted checkpoint differs from its source in the rest-frame classifier's last Linear only, records how it
+    was refitted, and the refit reads the training objects alone (the validation objects' spectra are never drawn)."""
+    from spectranet.training import refit_head as rh
+
+    base: dict[str, Any] = dict(manifest=str(tiny_data / "manifest.csv"), two_networks=True, batch_size=4,
+                                warmup_steps=1, max_steps=1, eval_every=1, val_fraction=0.5, num_workers=0,
+                                resume=False, threads=1)
+    src = train(TrainConfig(**base, out_dir=str(tmp_path / "a"), version="0.0.1", seed=3))
+    train_spectra, val_spectra, _, _ = load_split(TrainConfig.from_checkpoint(src.extra,
+                                                                              manifest=base["manifest"]))
+    seen: list[set[str]] = []
+    real_degraded = rh.real_degraded
+
+    def spy(spectra, *args, **kwargs):
+        seen.append({s.object_id for s in spectra})
+        return real_degraded(spectra, *args, **kwargs)
+
+    monkeypatch.setattr(rh, "real_degraded", spy)
+    new = rh.refit_head(tmp_path / "a" / "spectranet-sedm-0.0.1", tmp_path / "h", version="0.0.2",
+                        manifest=base["manifest"], settings=rh.HeadRefit(repeats=2, l2=1e-3))
+    assert seen == [{s.object_id for s in train_spectra}] * 2
+    assert not seen[0] & {s.object_id for s in val_spectra}
+    loaded = load_checkpoint(tmp_path / "h" / "spectranet-sedm-0.0.2")
+    assert loaded.weights_sha256 == new.weights_sha256 != src.weights_sha256
+    assert loaded.extra["head_refit"]["repeats"] == 2 and loaded.extra["head_refit"]["spectra"] > 0
+    assert loaded.extra["head_refit"]["from"]["weights_sha256"] == src.weights_sha256
+    before, after = src.build_model().state_dict(), loaded.build_model().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"rest_net.classifier.weight", "rest_net.classifier.bias"}

@@ -466,3 +466,28 @@ def test_the_stacker_learns_evidence_the_network_lacks_and_is_cross_fitted() -> 
     assert probs.shape == (n, len(CLASSES)) and np.allclose(probs.sum(axis=1), 1.0)
     assert (probs.argmax(axis=1) == y).mean() > 0.95
     assert (_stacked(s, logits, np.zeros_like(evidence)).argmax(axis=1) == y).mean() < 0.3  # nothing to learn
+
+
+def test_fit_head_learns_from_its_features_and_its_pull_holds_the_trained_weights():
+    from spectranet.training.refit_head import fit_head
+
+    rng = np.random.default_rng(0)
+    n_classes, hidden = 4, 8
+    centres = rng.normal(0.0, 2.0, (n_classes, hidden))
+    y = np.concatenate([np.zeros(200, int), np.ones(200, int), np.full(20, 2)])  # class 3 absent, class 2 rare
+    features = (centres[y] + rng.normal(0.0, 1.0, (len(y), hidden))).astype(np.float32)
+    w0 = rng.normal(0.0, 0.1, (n_classes, hidden)).astype(np.float32)
+    b0 = np.zeros(n_classes, np.float32)
+    accuracy = lambda w, b: float(((features @ w.T + b).argmax(1) == y).mean())  # noqa: E731
+    assert accuracy(w0, b0) < 0.7
+    w, b = fit_head(features, y, w0, b0, class_weight_power=0.0, l2=1e-3)
+    assert accuracy(w, b) > 0.95 and w.dtype == np.float32 and w.shape == w0.shape
+    held_w, held_b = fit_head(features, y, w0, b0, class_weight_power=0.0, l2=1e4)
+    np.testing.assert_allclose(held_w, w0, atol=1e-3)  # the pull holds the weights; the bias is free ...
+    assert abs(held_b[3] - b0[3]) < 1e-3 < np.abs(held_b[:3] - b0[:3]).min()  # ... but for the absent class
+    assert np.abs(w[3] - w0[3]).max() < np.abs(w[:3] - w0[:3]).max()
+    # class weights: the rare class is called more often when weighted
+    recall = lambda w, b: float(((features @ w.T + b).argmax(1)[y == 2] == 2).mean())  # noqa: E731
+    plain = fit_head(features, y, w0, b0, class_weight_power=0.0, l2=1.0)
+    balanced = fit_head(features, y, w0, b0, class_weight_power=1.0, l2=1.0)
+    assert recall(*balanced) > recall(*plain)

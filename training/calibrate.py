@@ -43,9 +43,9 @@ from spectranet.training.template_bank import build_template_bank
 from spectranet.training.train import TrainConfig, load_split
 
 __all__ = ["TARGET_PURITY", "OOD_QUANTILE", "OBSERVED_SOURCES", "Outputs", "EvalSet", "evaluation_sets",
-           "non_transient_templates", "simulate_non_transients", "non_transient_set", "run_model", "fit_probabilities",
-           "fit_calibration", "validation_template_bank", "final_engine",
-           "object_folds", "calibrate"]
+           "real_degraded", "non_transient_templates", "simulate_non_transients", "non_transient_set", "run_model",
+           "fit_probabilities", "fit_calibration", "validation_template_bank", "final_engine", "object_folds",
+           "calibrate"]
 
 TARGET_PURITY = {"Ia": 0.99, **{c: 0.90 for c in CLASSES if c != "Ia"}}
 OOD_QUANTILE = 0.96
@@ -96,10 +96,16 @@ def evaluation_sets(val: list[Spectrum], galaxies: list, preprocess: PreprocessC
     """``real-degraded``: real observed validation spectra at their own redshift through the SEDM simulation (R~100
     line-spread, SEDM pixels, noise, coverage cuts, host light); ``simulated``: validation templates (rest frame) at
     drawn redshifts. The real SEDM spectra are scored as they are, by ``spectranet evaluate``."""
-    real = [s for s in val if s.source in OBSERVED_SOURCES and s.redshift > 0]
     templates = [s for s in val if s.source not in OBSERVED_SOURCES]
-    return {"real-degraded": _simulate(real, galaxies, preprocess, seed=seed, keep_source_z=1.0),
+    return {"real-degraded": real_degraded(val, galaxies, preprocess, seed=seed),
             "simulated": _simulate(templates, galaxies, preprocess, seed=seed + 1, keep_source_z=0.0)}
+
+
+def real_degraded(spectra: list[Spectrum], galaxies: list, preprocess: PreprocessConfig, *, seed: int) -> EvalSet:
+    """The real observed spectra among ``spectra`` (with a redshift) at their own redshift through the SEDM
+    simulation, one draw each (seeded by ``seed`` and position)."""
+    real = [s for s in spectra if s.source in OBSERVED_SOURCES and s.redshift > 0]
+    return _simulate(real, galaxies, preprocess, seed=seed, keep_source_z=1.0)
 
 
 def non_transient_templates(data_manifest: str | Path) -> list[tuple[Spectrum, str]]:
