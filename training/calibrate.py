@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from spectranet.streamer.errors import PreprocessError, SpectraNetError
 from spectranet.streamer.science.calibration import Calibration, fit_out_of_distribution, purity_thresholds
-from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_derived
 from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.science.preprocess import Grid, PreprocessConfig
 from spectranet.streamer.science.taxonomy import CLASSES
@@ -246,7 +246,6 @@ def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path =
     engine = final_engine(ckpt, validation_template_bank(data_manifest, ckpt.preprocess.grid, val))
     temperature, calibration = fit_calibration(tr.x, x_nt, x_val, engine.outputs(real.x).logits, real.y)
     # 4. write
-    stem = Path(out) / f"{ckpt.name}-{ckpt.version}"
     extra = {**ckpt.extra, "calibration_fit": {
         "n_train_spectra": int(len(tr.y)), "n_validation_spectra": int(len(y_val)),
         "probabilities_fitted_on": f"real-degraded ({len(real.y)} spectra), logits as the daemon computes them "
@@ -255,8 +254,7 @@ def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path =
         "validation_spectra_dropped_as_leaked": n_leaked,
         "sets": {k: int(len(v.y)) for k, v in sets.items()}, "n_non_transient_simulations": int(len(x_nt)),
         "ood_quantile": OOD_QUANTILE}}
-    return save_checkpoint(net, stem, name=ckpt.name, version=ckpt.version, taxonomy=ckpt.taxonomy,
-                           preprocess=ckpt.preprocess, temperature=temperature, calibration=calibration, extra=extra)
+    return save_derived(ckpt, net, out, temperature=temperature, calibration=calibration, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

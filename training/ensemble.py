@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from spectranet.streamer.errors import ConfigError
-from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_derived
 from spectranet.streamer.science.model import SpectraNet
 
 __all__ = ["add_redshift_members"]
@@ -50,9 +50,7 @@ def add_redshift_members(base: str | Path, members: list[str | Path], out_dir: s
     model.load_state_dict(state, strict=True)
     extra = {**start.extra, "redshift_members": [
         {"name": d.name, "version": d.version, "weights_sha256": d.weights_sha256} for d in donors]}
-    return save_checkpoint(model, Path(out_dir) / f"{start.name}-{version}", name=start.name, version=version,
-                           taxonomy=start.taxonomy, preprocess=start.preprocess, temperature=start.temperature,
-                           calibration=start.calibration, extra=extra)
+    return save_derived(start, model, out_dir, version=version, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

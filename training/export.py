@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_derived
 from spectranet.streamer.science.model import PRESETS, SpectraNet
 from spectranet.streamer.science.preprocess import PreprocessConfig
 from spectranet.streamer.science.taxonomy import CLASSES, TAXONOMY_VERSION
@@ -48,9 +48,7 @@ def export_trained(run_checkpoint: Path, out_dir: Path, *, evaluation: Path | No
                                                   if "model_refined" in s else {}),
                                                **({"baseline": _short(s["baseline"])} if "baseline" in s else {})}
                                         for name, s in report["sets"].items()}}
-    return save_checkpoint(ckpt.build_model(), out_dir / f"{ckpt.name}-{ckpt.version}", name=ckpt.name,
-                           version=ckpt.version, taxonomy=ckpt.taxonomy, preprocess=ckpt.preprocess,
-                           temperature=ckpt.temperature, calibration=ckpt.calibration, extra=extra)
+    return save_derived(ckpt, ckpt.build_model(), out_dir, extra=extra)
 
 
 def _short(report: dict) -> dict:

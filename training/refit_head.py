@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from spectranet.streamer.errors import ConfigError
-from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_derived
 from spectranet.training.calibrate import real_degraded, run_model
 from spectranet.training.train import TrainConfig, load_split
 
@@ -119,9 +119,7 @@ def refit_head(model: str | Path, out_dir: str | Path, *, version: str, manifest
         layer.bias.copy_(torch.from_numpy(b))
     extra = {**ckpt.extra, "head_refit": {**asdict(settings), "spectra": int(len(y)),
                                           "from": {"version": ckpt.version, "weights_sha256": ckpt.weights_sha256}}}
-    return save_checkpoint(net, Path(out_dir) / f"{ckpt.name}-{version}", name=ckpt.name, version=version,
-                           taxonomy=ckpt.taxonomy, preprocess=ckpt.preprocess, temperature=ckpt.temperature,
-                           calibration=ckpt.calibration, extra=extra)
+    return save_derived(ckpt, net, out_dir, version=version, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

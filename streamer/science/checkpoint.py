@@ -26,7 +26,7 @@ from spectranet.streamer.science.preprocess import (
     PreprocessConfig,
 )
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "default_checkpoint_path", "sha256_file"]
+__all__ = ["Checkpoint", "save_checkpoint", "save_derived", "load_checkpoint", "default_checkpoint_path", "sha256_file"]
 
 FORMAT_VERSION = 1
 
@@ -106,6 +106,19 @@ def save_checkpoint(model: SpectraNet, path: str | Path, *, name: str, version: 
                       calibration=calibration or Calibration(), extra=dict(extra or {}), state_dict=state)
     card_path.write_text(json.dumps(ckpt.card(), indent=2) + "\n")
     return ckpt
+
+
+def save_derived(source: Checkpoint, model: SpectraNet, out_dir: str | Path, *, version: str | None = None,
+                 temperature: float | None = None, calibration: Calibration | None = None,
+                 extra: dict[str, Any] | None = None) -> Checkpoint:
+    """``model`` written as ``out_dir/<name>-<version>`` with ``source``'s name, taxonomy and preprocessing, and its
+    version, temperature, calibration and card extras unless given: how a training step passes a checkpoint on."""
+    version = source.version if version is None else version
+    return save_checkpoint(model, Path(out_dir) / f"{source.name}-{version}", name=source.name, version=version,
+                           taxonomy=source.taxonomy, preprocess=source.preprocess,
+                           temperature=source.temperature if temperature is None else temperature,
+                           calibration=source.calibration if calibration is None else calibration,
+                           extra=source.extra if extra is None else extra)
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
