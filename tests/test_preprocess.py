@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,15 @@ def test_canonical_flux_unit_name_reads_back_the_same(unit):
                                          (3726.03, 3727.09)])  # H-alpha, [O III], [N II], [O II] (SDSS line list)
 def test_air_to_vacuum_known_lines(air, vacuum):
     assert air_to_vacuum(np.array([air]))[0] == pytest.approx(vacuum, abs=0.03)
+
+
+def test_air_to_vacuum_passes_tiny_wavelengths_through_without_overflow():
+    w = np.array([1e-300, 0.0, 1500.0, 6562.8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a corrupted packet's wavelengths once raised "overflow encountered in divide"
+        out = air_to_vacuum(w)
+    np.testing.assert_array_equal(out[:3], w[:3])
+    assert out[3] == pytest.approx(6564.61, abs=0.03)
 
 
 def test_air_to_vacuum_inverts_morton_and_leaves_uv_alone():

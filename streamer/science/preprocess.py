@@ -238,7 +238,7 @@ def air_to_vacuum(wavelength_aa: FloatArray) -> FloatArray:
     through unchanged.
     """
     w = np.asarray(wavelength_aa, dtype=np.float64)
-    s2 = (1e4 / w) ** 2
+    s2 = (1e4 / np.maximum(w, _AIR_VACUUM_MIN_AA)) ** 2  # below the minimum w passes through: no overflow from it
     n = 1.0 + 8.336624212083e-5 + 2.408926869968e-2 / (130.1065924522 - s2) + 1.599740894897e-4 / (38.92568793293 - s2)
     return np.where(w >= _AIR_VACUUM_MIN_AA, w * n, w)
 
