@@ -30,7 +30,7 @@ temperature + class bias cross-fitted, mean over 8 object halvings; macro-F1 ove
 | refit, power 0.5, l2 0.01 | 0.858 | 0.871 | 0.477 | 0.440 | 0.871 | 0.0261 |
 | refit, power 1, l2 0.003 | 0.857 | 0.868 | 0.479 | 0.443 | 0.869 | 0.0299 |
 
-Every regularised refit gains ~0.03 macro-F1 over the 8 classes (IIb F1 0.27 -> 0.43, SLSN-I 0.39 -> 0.42) and ~0.01
+Every regularised refit gains ~0.03 macro-F1 over the 8 classes (IIb F1 0.30 -> 0.44, SLSN-I 0.38 -> 0.41) and ~0.01
 H-rich vs H-poor; the 9-class figure moves with whether one of TDE's 2 spectra is called right.
 """
 
