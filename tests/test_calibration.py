@@ -59,6 +59,34 @@ def test_out_of_distribution_flags_the_kind_it_was_fitted_against_and_few_others
     assert ood.flag(rng.normal(0, 1, (1000, 64))).mean() < 0.08          # new transients
 
 
+def test_out_of_distribution_ignores_bins_its_fitting_inputs_never_covered() -> None:
+    """The simulated SEDM pixels never reach the grid's ends, real SEDM spectra can: flux there must not make a
+    transient an outlier (0.4.0-0.8.1 flagged 10 of 41 real SEDM spectra through a 1e-6 scale)."""
+    rng = np.random.default_rng(3)
+    transients, stars, held_in = rng.normal(0, 1, (2000, 64)), _bands(400, rng, 40), rng.normal(0, 1, (1000, 64))
+    for x in (transients, stars, held_in):
+        x[:, -4:] = 0.0  # never covered while fitting
+    ood = fit_out_of_distribution(transients, stars, in_distribution=held_in, quantile=0.96, l2=0.1)
+    assert np.all(ood.weights[-4:] == 0.0) and np.all(ood.scale[-4:] == 1.0)
+    new = rng.normal(0, 1, (1000, 64))  # transients whose spectra cover the whole grid
+    assert ood.flag(new).mean() < 0.08
+    assert ood.flag(_bands(200, rng, 40)).mean() > 0.9
+
+
+def test_out_of_distribution_clips_standardised_inputs() -> None:
+    n = 8
+    ood = OutOfDistribution(mean=np.zeros(n), scale=np.full(n, 0.1), weights=np.full(n, 1.0), bias=0.0,
+                            threshold=0.5, clip=2.0)
+    one_wild_bin = np.zeros((1, n))
+    one_wild_bin[0, 0] = -1e6  # a glitch 10^7 scales away moves the logit by clip * weight, no more
+    assert ood.score(one_wild_bin)[0] == pytest.approx(1 / (1 + np.exp(2.0)))
+    assert OutOfDistribution.from_dict(ood.to_dict()).clip == 2.0
+    legacy = {k: v for k, v in ood.to_dict().items() if k != "clip"}  # cards written before the clip existed
+    assert OutOfDistribution.from_dict(legacy).clip == np.inf
+    with pytest.raises(CheckpointError, match="clip"):
+        OutOfDistribution.from_dict({**ood.to_dict(), "clip": 0.0})
+
+
 def test_calibration_round_trips_through_a_checkpoint_card(tmp_path) -> None:
     shipped = load_checkpoint()
     rng = np.random.default_rng(2)

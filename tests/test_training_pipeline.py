@@ -17,7 +17,7 @@ from spectranet.streamer.science.preprocess import prepare
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import metrics as M
 from spectranet.training.ablation import Variant, run_ablation, winner_overrides
-from spectranet.training.calibrate import evaluation_sets
+from spectranet.training.calibrate import calibrate, evaluation_sets
 from spectranet.training.data import load_galaxies, load_spectra, read_manifest, save_pack
 from spectranet.training.ensemble import add_redshift_members
 from spectranet.training.evaluate import evaluate
@@ -92,11 +92,23 @@ def test_two_step_training_checkpoint_engine_and_evaluate(tiny_data: Path, tmp_p
     (pred,) = engine.predict([p])
     assert pred.top_class in CLASSES and sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
+    # recalibrated as a new version: the out-of-distribution score leaves the bins no fitting input covered
+    calibrated = calibrate(tmp_path / "run" / "spectranet-sedm-0.0.1-test", tmp_path / "cal",
+                           data_manifest=tiny_data / "manifest.csv", version="0.0.2-test")
+    assert calibrated.version == "0.0.2-test"
+    for k, v in calibrated.build_model().state_dict().items():  # the same weights
+        assert torch.equal(v, loaded.build_model().state_dict()[k]), k
+    ood = load_checkpoint(tmp_path / "cal" / "spectranet-sedm-0.0.2-test").calibration.ood
+    assert ood is not None and ood.clip == 5.0
+    assert ood.weights[0] == 0.0 and ood.scale[0] == 1.0  # 3500 A: below every simulated SEDM pixel
+
     out = tmp_path / "eval"
-    report = evaluate(model=tmp_path / "run" / "spectranet-sedm-0.0.1-test", data_manifest=tiny_data / "manifest.csv",
+    report = evaluate(model=tmp_path / "cal" / "spectranet-sedm-0.0.2-test", data_manifest=tiny_data / "manifest.csv",
                       out_dir=out, max_templates=20)
     data = json.loads((out / "metrics.json").read_text())
     assert data["summary"]["n"] == report["summary"]["n"] > 0
+    assert {"non_transients_flagged", "in_taxonomy_flagged", "real_sedm_flagged"} \
+        <= set(data["summary"]["out_of_distribution"])
     assert "SpectraNet_classifier_given_true_z" not in data["summary"]  # one network: no rest-frame classifier
     assert {"SpectraNet", "SpectraNet + templates", "baseline", "SpectraNet_beats_baseline", "ece"} \
         <= set(data["summary"])

@@ -226,7 +226,9 @@ def object_folds(objects: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path = "../shared/data/manifest.csv",
-              max_train: int = 6000) -> Checkpoint:
+              max_train: int = 6000, version: str | None = None) -> Checkpoint:
+    """``model`` with its calibration (temperature, class bias, purity thresholds, out-of-distribution score) fitted
+    again, written to ``out`` as ``version`` (default: the model's own)."""
     torch.set_num_threads(2)
     ckpt = load_checkpoint(model)
     net = ckpt.build_model().eval()
@@ -254,7 +256,8 @@ def calibrate(model: str | Path, out: str | Path, *, data_manifest: str | Path =
         "validation_spectra_dropped_as_leaked": n_leaked,
         "sets": {k: int(len(v.y)) for k, v in sets.items()}, "n_non_transient_simulations": int(len(x_nt)),
         "ood_quantile": OOD_QUANTILE}}
-    return save_derived(ckpt, net, out, temperature=temperature, calibration=calibration, extra=extra)
+    return save_derived(ckpt, net, out, version=version, temperature=temperature, calibration=calibration,
+                        extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="trained checkpoint (path without suffix)")
     ap.add_argument("--out", required=True, help="folder for the calibrated checkpoint")
     ap.add_argument("--data-manifest", default="../shared/data/manifest.csv")
+    ap.add_argument("--version", help="version of the written checkpoint (default: the model's; a shipped model "
+                                      "whose calibration changes gets a new one)")
     args = ap.parse_args(argv)
-    ckpt = calibrate(args.model, args.out, data_manifest=args.data_manifest)
+    ckpt = calibrate(args.model, args.out, data_manifest=args.data_manifest, version=args.version)
     print(json.dumps({"temperature": ckpt.temperature, "class_bias": ckpt.calibration.class_bias,
                       "thresholds": ckpt.calibration.thresholds,
                       "ood_threshold": None if ckpt.calibration.ood is None else ckpt.calibration.ood.threshold},

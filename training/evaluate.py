@@ -363,7 +363,9 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
             "n_non_transients": int(len(nt.y)),
             "in_taxonomy_flagged": cross.get("in_taxonomy_flagged", math.nan),
             "in_taxonomy_flagged_shipped_threshold": main["model_refined"].get("out_of_distribution_flagged",
-                                                                                math.nan)}
+                                                                                math.nan),
+            "real_sedm_flagged": report["sets"].get("real SEDM", {}).get("model_refined", {}).get(
+                "out_of_distribution_flagged", math.nan)}
     report["summary"] = summary
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return report

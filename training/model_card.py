@@ -83,7 +83,9 @@ def ood_table(summary: dict[str, Any]) -> str:
                       f"| real non-transients flagged (M dwarfs, galaxies, AGN; n = {o['n_non_transients']}) "
                       f"| >= 0.90 | {o['non_transients_flagged']:.3f} |",
                       f"| in-taxonomy validation spectra flagged (cross-fitted threshold) | <= 0.05 | "
-                      f"{o['in_taxonomy_flagged']:.3f} |"])
+                      f"{o['in_taxonomy_flagged']:.3f} |"]
+                     + ([f"| real SEDM validation spectra flagged (in taxonomy, shipped threshold) | <= 0.05 | "
+                         f"{o['real_sedm_flagged']:.3f} |"] if "real_sedm_flagged" in o else []))
 
 
 def per_class_table(model: dict[str, Any], baseline: dict[str, Any] | None) -> str:
