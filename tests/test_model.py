@@ -358,3 +358,32 @@ def test_classifier_views_average_the_logits_of_shifted_rest_frame_views(models)
         torch.testing.assert_close(out.logits, model.classify_at(x, out.z_mean.clamp(0.0, cfg.max_shift_z)))
     with pytest.raises(ValueError, match="classifier_views"):
         replace(PRESETS["default"], classifier_views=(0.0,))  # one network has no rest-frame classifier
+
+
+def test_input_bins_zero_the_bins_outside_before_either_network_reads_them(models):
+    """``input_bins``: flux and coverage outside (first, stop) do not change any output (redshift, logits, features,
+    classify_at); inside they do; the same weights with () read everything; sub-networks keep their own input."""
+    base = models["default-two-networks"].eval()
+    cfg = replace(TWO, input_bins=(16, 240))
+    model = SpectraNet(cfg).eval()
+    model.load_state_dict(base.state_dict(), strict=True)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert model.rest_net is not None and model.rest_net.config.input_bins == ()
+    x, z = _input(TWO, 3), torch.tensor([0.02, 0.1, 0.3])
+    wide = x.clone()
+    wide[:, 0, :16], wide[:, 0, 240:], wide[:, 1, :16], wide[:, 1, 240:] = 3.0, -2.0, 1.0, 1.0
+    cropped = x.clone()
+    cropped[:, :, :16], cropped[:, :, 240:] = 0.0, 0.0
+    with torch.no_grad():
+        a, b = model(wide), base(cropped)
+        torch.testing.assert_close(a.z_mean, b.z_mean)
+        torch.testing.assert_close(a.logits, b.logits)
+        torch.testing.assert_close(a.features, b.features)
+        torch.testing.assert_close(model.classify_at(wide, z), base.classify_at(cropped, z))
+        assert not torch.allclose(base(wide).z_mean, b.z_mean)  # the old reading sees the outer bins
+        inside = wide.clone()
+        inside[:, 0, 100] += 5.0
+        assert not torch.allclose(model(inside).z_mean, a.z_mean)
+    for bad in [(0,), (5, 5), (-1, 10), (0, 257)]:
+        with pytest.raises(ValueError, match="input_bins"):
+            replace(TWO, input_bins=bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 from spectranet.streamer.errors import ConfigError
-from spectranet.streamer.science.checkpoint import load_checkpoint
+from spectranet.streamer.science.checkpoint import load_checkpoint, save_checkpoint
 from spectranet.streamer.science.inference import InferenceEngine
+from spectranet.streamer.science.model import SpectraNet
 from spectranet.streamer.science.preprocess import prepare
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import metrics as M
@@ -21,6 +23,7 @@ from spectranet.training.calibrate import calibrate, evaluation_sets
 from spectranet.training.data import load_galaxies, load_spectra, read_manifest, save_pack
 from spectranet.training.ensemble import add_redshift_members
 from spectranet.training.evaluate import evaluate
+from spectranet.training.simulate import sedm_input_bins
 from spectranet.training.train import TrainConfig, load_split, train
 
 _LINES = {"Ia": 6150.0, "II": 6563.0, "Ic": 7774.0, "SLSN-I": 4200.0}
@@ -213,6 +216,19 @@ def test_init_from_starts_from_a_checkpoints_weights(tiny_data: Path, tmp_path: 
                           init_from=str(tmp_path / "v" / "spectranet-sedm-0.0.1-v")))
     assert e.model_config.classifier_views == () and all(torch.equal(wa[k], v) for k, v in
                                                          e.build_model().state_dict().items())
+    # new models read the input bins the SEDM simulation covers; an older checkpoint (all bins) is set so at assembly
+    assert a.model_config.input_bins == sedm_input_bins(a.preprocess.grid) == (16, 240)
+    old = add_redshift_members(src, [], str(tmp_path / "o"), version="0.0.1-o")
+    assert old.model_config.input_bins == (16, 240)  # the base's, kept
+    legacy = save_checkpoint(SpectraNet(replace(a.model_config, input_bins=())), tmp_path / "l" / "m-0.0.1",
+                             name="m", version="0.0.1", taxonomy=a.taxonomy, preprocess=a.preprocess)
+    assert legacy.model_config.input_bins == ()
+    read = add_redshift_members(tmp_path / "l" / "m-0.0.1", [], str(tmp_path / "r"), version="0.0.2",
+                                sedm_input_bins_only=True)
+    assert read.model_config.input_bins == (16, 240)
+    f = train(TrainConfig(**base, out_dir=str(tmp_path / "f"), version="0.0.1-f", lr=0.0,
+                          init_from=str(tmp_path / "l" / "m-0.0.1")))  # weights match: a run starts from it
+    assert f.model_config.input_bins == (16, 240)
     with pytest.raises(ConfigError, match="architecture"):
         train(TrainConfig(**{**base, "two_networks": False}, out_dir=str(tmp_path / "d"), init_from=src))
 

@@ -26,11 +26,11 @@ from typing import TypeVar
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 from spectranet.streamer.errors import PreprocessError
-from spectranet.streamer.science.preprocess import PreprocessConfig, prepare
+from spectranet.streamer.science.preprocess import Grid, PreprocessConfig, prepare
 from spectranet.training.data import Spectrum
 
-__all__ = ["SimConfig", "Simulated", "SEDM_DEFAULT", "draw_redshift", "redshift_pool", "mix_spectra", "sedm_pixels",
-           "apply_lsf", "simulate_sedm", "first_usable", "simulate_input", "to_model_input"]
+__all__ = ["SimConfig", "Simulated", "SEDM_DEFAULT", "sedm_input_bins", "draw_redshift", "redshift_pool", "mix_spectra",
+           "sedm_pixels", "apply_lsf", "simulate_sedm", "first_usable", "simulate_input", "to_model_input"]
 
 T = TypeVar("T")
 
@@ -116,6 +116,19 @@ def mix_spectra(a: Spectrum, b: Spectrum, weight: float, *, min_overlap: float =
     wave = a.wave[inside]
     flux = weight * a.flux[inside] + (1.0 - weight) * np.interp(wave, b.wave, b.flux)
     return replace(a, wave=wave, flux=flux / np.median(flux), path=f"{a.path} + {b.path}")
+
+
+def sedm_input_bins(grid: Grid, cfg: SimConfig = SEDM_DEFAULT) -> tuple[int, int]:
+    """(first, stop): the grid bins that lie wholly between the bluest and the reddest pixel centre ``sedm_pixels``
+    can draw (start and step jitter at their extremes): every bin a simulated spectrum can cover, and so every bin
+    a network trained on them has seen (``ModelConfig.input_bins``). 3737-9379 A on the default grid: bins 16-239."""
+    lo = cfg.pixel_start - cfg.start_jitter
+    hi = cfg.pixel_start + cfg.start_jitter + cfg.pixel_step * (1.0 + cfg.step_jitter) * (cfg.n_pixels - 1)
+    edges = grid.edges()
+    inside = np.flatnonzero((edges[:-1] >= lo) & (edges[1:] <= hi))
+    if not inside.size:
+        raise ValueError(f"no bin of the {grid.wave_min}-{grid.wave_max} A grid lies within {lo:.0f}-{hi:.0f} A")
+    return int(inside[0]), int(inside[-1]) + 1
 
 
 def sedm_pixels(rng: np.random.Generator, cfg: SimConfig) -> np.ndarray:

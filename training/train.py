@@ -76,7 +76,14 @@ from spectranet.training.loop import (
     train_step,
     val_metrics,
 )
-from spectranet.training.simulate import SEDM_DEFAULT, SimConfig, mix_spectra, redshift_pool, simulate_input
+from spectranet.training.simulate import (
+    SEDM_DEFAULT,
+    SimConfig,
+    mix_spectra,
+    redshift_pool,
+    sedm_input_bins,
+    simulate_input,
+)
 from tqdm import tqdm
 
 _RANGE = PreprocessConfig().grid  # the model's wavelength range (streamer's default grid); bins follow the preset
@@ -173,13 +180,15 @@ def simulate_set(spectra: list[Spectrum], galaxies: list, preprocess: Preprocess
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The preset's architecture, with the config's pooling, norm and two networks where it names them.
+    """The preset's architecture, with the config's pooling, norm and two networks where it names them, reading the
+    input bins the SEDM simulation can cover (``input_bins``).
 
     Two networks get a rest-frame grid half as long again as the input's (384 bins for 256), which keeps the whole
     observed range in view up to z ~ 0.69 with the input grid's own log step.
     """
     preset = PRESETS[cfg.preset]
     overrides: dict[str, Any] = {k: v for k, v in (("pooling", cfg.pooling), ("norm", cfg.norm)) if v}
+    overrides["input_bins"] = sedm_input_bins(replace(_RANGE, n_bins=preset.n_bins))
     if cfg.two_networks:
         overrides.update(two_networks=True, rest_bins=preset.n_bins * 3 // 2,
                          log_step=math.log(_RANGE.wave_max / _RANGE.wave_min) / preset.n_bins)
@@ -245,8 +254,8 @@ def train(cfg: TrainConfig) -> Checkpoint:
     resuming = cfg.resume and state_path.is_file()
     if cfg.init_from and not resuming:
         start = load_checkpoint(cfg.init_from)
-        # test-time classifier views are set at assembly (training/ensemble.py), not trained: weights match without them
-        if replace(start.model_config, classifier_views=()) != model_cfg:
+        # test-time classifier views and the bins read are set at assembly (training/ensemble.py), not trained
+        if replace(start.model_config, classifier_views=(), input_bins=()) != replace(model_cfg, input_bins=()):
             raise ConfigError(f"init_from {cfg.init_from}: its architecture {start.model_config} is not this "
                               f"config's {model_cfg}")
         model.load_state_dict(start.build_model().state_dict()), ema.load_state_dict(model.state_dict())
