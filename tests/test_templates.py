@@ -320,7 +320,9 @@ def test_template_object_names_meet_survey_names():
 @pytest.fixture(scope="module")
 def real_spectra():
     cfg = load_checkpoint().preprocess
-    names = ("SN2012P__00.txt", "SN2013gr__07.txt", "PTF10qts__05.txt", "LSQ13dos__00.txt", "SN2011hw__00.txt")
+    # the last is classified again at its refined z by 0.8.3 (43 of the 200 test spectra are; none of the first five)
+    names = ("SN2012P__00.txt", "SN2013gr__07.txt", "PTF10qts__05.txt", "LSQ13dos__00.txt", "SN2011hw__00.txt",
+             "CSS100217__02.txt")
     return [prepare_file(read_spectrum(SPECTRA / n), cfg) for n in names]
 
 
@@ -357,7 +359,7 @@ def test_the_engine_refines_with_a_bank_and_keeps_the_network_estimate(real_spec
         else:
             assert b.probabilities == a.probabilities
     assert METHOD_TEMPLATE in methods  # these are real supernova spectra: most match
-    assert moved >= 1 and engine.outputs(x).reclassified.sum() == moved  # 3 of these 5 with 0.4.0
+    assert moved >= 1 and engine.outputs(x).reclassified.sum() == moved
 
 
 def test_the_engine_refuses_a_bank_it_cannot_use(bank):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from itertools import islice
 from typing import Any
 
@@ -202,7 +203,8 @@ def test_overrides_parse_yaml_values_and_reject_junk():
 
 
 def test_pooling_and_norm_override_the_preset():
-    assert model_config(TrainConfig()) == PRESETS["default"]
+    # new models read the input bins the SEDM simulation covers (training.simulate.sedm_input_bins)
+    assert model_config(TrainConfig()) == replace(PRESETS["default"], input_bins=(16, 240))
     cfg = model_config(TrainConfig(pooling="multiscale", norm="batch"))
     assert (cfg.pooling, cfg.norm, cfg.widths) == ("multiscale", "batch", PRESETS["default"].widths)
     bad_choices: list[dict[str, Any]] = [{"pooling": "avg"}, {"norm": "group"}]
