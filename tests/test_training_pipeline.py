@@ -216,6 +216,15 @@ def test_init_from_starts_from_a_checkpoints_weights(tiny_data: Path, tmp_path: 
                           init_from=str(tmp_path / "v" / "spectranet-sedm-0.0.1-v")))
     assert e.model_config.classifier_views == () and all(torch.equal(wa[k], v) for k, v in
                                                          e.build_model().state_dict().items())
+    # weights from a snapshot of the base's run (keep_snapshots) instead of its exported best step
+    snap = tmp_path / "snap.pt"
+    torch.save(c.build_model().state_dict(), snap)
+    from_snap = add_redshift_members(src, [], str(tmp_path / "s"), version="0.0.1-s", weights=snap)
+    assert all(torch.equal(wc[k], v) for k, v in from_snap.build_model().state_dict().items())
+    assert from_snap.extra["weights_from_snapshot"] == "snap.pt"
+    torch.save({k: v for k, v in wc.items() if not k.startswith("rest_net.")}, tmp_path / "part.pt")
+    with pytest.raises(ConfigError, match="snapshot"):
+        add_redshift_members(src, [], str(tmp_path / "s2"), version="0.0.1-s2", weights=tmp_path / "part.pt")
     # new models read the input bins the SEDM simulation covers; an older checkpoint (all bins) is set so at assembly
     assert a.model_config.input_bins == sedm_input_bins(a.preprocess.grid) == (16, 240)
     old = add_redshift_members(src, [], str(tmp_path / "o"), version="0.0.1-o")

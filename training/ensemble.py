@@ -8,7 +8,8 @@ combines their redshifts by inverse variance (``spectranet.streamer.science.mode
 the rest frame of the combination. ``--classifier-views -0.02 0.02`` makes the classifier's logits the mean over
 rest-frame views at ln(1 + z) -/+ 0.02 (one classifier pass per view). ``--sedm-input-bins`` makes the network read
 only the input bins the SEDM training simulation covers (``ModelConfig.input_bins``; what ``train`` sets on new
-models). Nothing is retrained: calibrate the result
+models). ``--weights runs/v091/snapshots/step-007368.pt`` takes the base's weights from a snapshot of its own
+training run (``keep_snapshots``) instead of the exported best step. Nothing is retrained: calibrate the result
 again (``spectranet.training.calibrate``), since its final logits differ from the base's.
 """
 
@@ -18,6 +19,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from spectranet.streamer.errors import ConfigError
 from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint, save_derived
 from spectranet.streamer.science.model import SpectraNet
@@ -28,10 +30,11 @@ __all__ = ["add_redshift_members"]
 
 def add_redshift_members(base: str | Path, members: list[str | Path], out_dir: str | Path, *,
                          version: str, classifier_views: tuple[float, ...] | None = None,
-                         sedm_input_bins_only: bool = False) -> Checkpoint:
+                         sedm_input_bins_only: bool = False, weights: str | Path | None = None) -> Checkpoint:
     """The checkpoint ``out_dir/<name>-<version>``: ``base`` with the redshift networks of ``members`` added,
     ``classifier_views`` (when given) as its classifier's test-time views, and with ``sedm_input_bins_only`` reading
-    only the input bins the SEDM simulation covers."""
+    only the input bins the SEDM simulation covers; ``weights``: a snapshot of the base's run (``snapshots/step-N.pt``,
+    the same parameters) whose weights replace the base's own."""
     start = load_checkpoint(base)
     cfg = start.model_config
     if not cfg.two_networks:
@@ -48,6 +51,13 @@ def add_redshift_members(base: str | Path, members: list[str | Path], out_dir: s
     model = SpectraNet(replace(cfg, redshift_members=cfg.redshift_members + len(donors), classifier_views=views,
                                input_bins=bins))
     state = dict(start.state_dict)
+    extra = dict(start.extra)
+    if weights is not None:
+        snapshot = torch.load(weights, map_location="cpu", weights_only=True)
+        if set(snapshot) != set(state) or any(snapshot[k].shape != state[k].shape for k in state):
+            raise ConfigError(f"{weights}: not a snapshot of {base}'s architecture")
+        state = {k: snapshot[k].to(state[k].dtype) for k in state}
+        extra["weights_from_snapshot"] = Path(weights).name
     first_new = cfg.redshift_members - 1  # index of the first added member in model.z_members
     for k, donor in enumerate(donors):
         own = donor.state_dict  # its observed-frame redshift network: everything but its classifier and members
@@ -55,7 +65,7 @@ def add_redshift_members(base: str | Path, members: list[str | Path], out_dir: s
             if not key.startswith(("rest_net.", "z_members.")):
                 state[f"z_members.{first_new + k}.{key}"] = tensor
     model.load_state_dict(state, strict=True)
-    extra = {**start.extra, "redshift_members": [
+    extra = {**extra, "redshift_members": [
         {"name": d.name, "version": d.version, "weights_sha256": d.weights_sha256} for d in donors]}
     return save_derived(start, model, out_dir, version=version, extra=extra)
 
@@ -68,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                     "test-time views (default: the base's)")
     ap.add_argument("--sedm-input-bins", action="store_true", help="read only the input bins the SEDM training "
                     "simulation covers (default: the base's)")
+    ap.add_argument("--weights", type=Path, help="a snapshot of the base's training run (snapshots/step-N.pt) whose "
+                    "weights to use instead of the base's")
     ap.add_argument("--version", required=True, help="version of the written checkpoint")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     views = None if args.classifier_views is None else tuple(args.classifier_views)
     ckpt = add_redshift_members(args.base, args.redshift_from, args.out, version=args.version, classifier_views=views,
-                                sedm_input_bins_only=args.sedm_input_bins)
+                                sedm_input_bins_only=args.sedm_input_bins, weights=args.weights)
     print(f"wrote {args.out}/{ckpt.name}-{ckpt.version}.safetensors: {ckpt.model_config.redshift_members} redshift "
           f"networks, classifier views {ckpt.model_config.classifier_views or (0.0,)}, input bins "
           f"{ckpt.model_config.input_bins or 'all'}, sha256={ckpt.weights_sha256}")
