@@ -64,7 +64,7 @@ class ModelConfig:
     # The input bins the network reads, (first, stop): both channels of the others are zeroed before it sees them
     # (the template refinement still sees them). Set to the bins the training simulation's SEDM pixels reach
     # (``spectranet.training.simulate.sedm_input_bins``), so that a spectrum covering more of the grid (real SEDM
-    # reductions reach 3500-10000 A, the simulation 3730-9350 A) is shown to the network as it was trained. () reads
+    # reductions reach 3500-10000 A, the simulation 3737-9379 A) is shown to the network as it was trained. () reads
     # every bin (models before 0.8.3). Measured on 0.8.2 with real-degraded validation spectra given SEDM pixels over
     # the whole grid: Ia vs non-Ia 0.879 -> 0.890, macro-F1 0.423 -> 0.461, network z NMAD 0.0220 -> 0.0117.
     input_bins: tuple[int, ...] = ()
