@@ -56,6 +56,8 @@ BUNDLED_SCHEMA_IDS: Final[Mapping[int, tuple[str, str]]] = MappingProxyType({
     2: (ANNOTATED_SPECTRUM, "1.0"),
     3: (SPECTRUM_PACKET, "1.1"),
     4: (ANNOTATED_SPECTRUM, "1.1"),
+    5: (SPECTRUM_PACKET, "1.2"),
+    6: (ANNOTATED_SPECTRUM, "1.2"),
 })
 """Confluent schema ids of the bundled schemas, for deployments without a registry: append-only, one per
 (schema, version), the same in every producer and consumer."""

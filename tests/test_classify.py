@@ -18,7 +18,7 @@ from spectranet.streamer.science.checkpoint import default_checkpoint_path, load
 from spectranet.streamer.science.inference import InferenceEngine
 from spectranet.streamer.science.model import ModelConfig, SpectraNet
 from spectranet.streamer.science.preprocess import PreprocessConfig
-from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.streamer.science.taxonomy import CLASSES, hierarchical_call
 from spectranet.streamer.science.templates import DEFAULT_WINDOW
 from spectranet.streamer.tools.files import classify_files
 
@@ -30,7 +30,8 @@ SEDM = "tests/data/spectra/2019dwa_TNS_ZTF_SEDM_2019.0514.txt"
 BAD = sorted(f"tests/data/bad_spectra/{p.name}" for p in (ROOT / "tests/data/bad_spectra").glob("*.txt"))
 MISSING = "tests/data/spectra/no_such_spectrum.txt"
 RESULT_KEYS = {"file", "top_class", "probabilities", "redshift", "redshift_err", "model", "quality",
-               "confident", "redshift_network", "redshift_method", "template"}  # the last four since schema 1.1
+               "confident", "redshift_network", "redshift_method", "template",  # these four since schema 1.1
+               "called_class"}  # since 1.2
 
 
 def _classify(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,6 +48,8 @@ def _check_result(r: dict, model: dict) -> None:
     assert list(r["probabilities"]) == list(CLASSES)
     assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert r["top_class"] == max(r["probabilities"], key=r["probabilities"].get)
+    p = np.array([[r["probabilities"][c] for c in CLASSES]])
+    assert r["called_class"] == CLASSES[int(hierarchical_call(p, CLASSES)[0])]
     assert r["redshift"] >= 0.0 and r["redshift_err"] > 0.0
     assert r["model"] == model
     q = r["quality"]
@@ -139,6 +142,8 @@ def test_text_output_says_the_call_its_confidence_and_the_template(shipped_run):
     assert line.startswith(f"{SEDM}: {r['top_class']} {r['probabilities'][r['top_class']]:.2f}")
     assert f"z={r['redshift']:.3f}" in line
     assert f"[template: looks like {t['object']} ({t['type']}) at {round(t['phase']):+d} d]" in line
+    called = f"[called {r['called_class']} {r['probabilities'][r['called_class']]:.2f} down the tree"
+    assert (called in line) == (r["called_class"] != r["top_class"])
 
 
 CALIBRATED_FILES = [*FORMAT_FIXTURES, SHARED_ASCII, SEDM]

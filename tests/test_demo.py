@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from spectranet.streamer.contract.readers import read_spectrum
+from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.streamer.tools.demo import SQL_EXAMPLES, sample_paths
 from spectranet.streamer.tools.files import packet_from_file
 
@@ -45,7 +46,8 @@ def _rows(db: Path) -> list[sqlite3.Row]:
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
     try:
-        return conn.execute("SELECT spectrum_id, object_id, top_class, top_probability FROM classifications").fetchall()
+        return conn.execute("SELECT spectrum_id, object_id, top_class, top_probability, called_class "
+                            "FROM classifications").fetchall()
     finally:
         conn.close()
 
@@ -79,8 +81,10 @@ def test_table_has_a_row_per_sample_with_reported_and_predicted_class(
         name = obj[:31]
         matches = [line for line in table if line.startswith(name + " ")]
         assert len(matches) == 1, f"{obj}: {matches}"
-        # object, reported type, predicted class, its probability (then reported z and predicted z±err)
-        pattern = rf"\s+{re.escape(reported or '?')}\s+{re.escape(row['top_class'])}\s+{row['top_probability']:.2f}\s"
+        # object, reported type, predicted class, its probability, confident, the class called down the tree (then
+        # reported z and predicted z±err)
+        pattern = (rf"\s+{re.escape(reported or '?')}\s+{re.escape(row['top_class'])}\s+{row['top_probability']:.2f}"
+                   rf"\s+(yes|no|-)\s+{re.escape(row['called_class'])}\s")
         assert re.match(pattern, matches[0][len(name):]), matches[0]
 
 
@@ -93,7 +97,9 @@ def test_printed_sql_runs_on_the_demo_database(demo: tuple[subprocess.CompletedP
         statements = [s for s in SQL_EXAMPLES.split(";") if s.strip()]
         latest = conn.execute(statements[0]).fetchall()
         assert len(latest) == 36  # one spectrum per object among the samples
-        for statement in statements[1:]:
+        called = dict(conn.execute(statements[1]).fetchall())  # objects per called class
+        assert sum(called.values()) == 36 and set(called) <= set(CLASSES)
+        for statement in statements[2:]:
             conn.execute(statement).fetchall()
     finally:
         conn.close()

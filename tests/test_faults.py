@@ -47,6 +47,7 @@ from sqlalchemy.engine import make_url
 from tests.support.common import ServiceUnavailable
 from tests.support.harness import (
     CODEC,
+    NEWER_MINOR,
     Assignments,
     DaemonProcess,
     DaemonThread,
@@ -532,7 +533,7 @@ def _oversized(i: int) -> Packet:
 def _evolved(i: int, *, newer: bool) -> Packet:
     p = variant(base_packets()[i], 3000 + i + (100 if newer else 0))
     if newer:
-        record = {**p, "schema_version": "1.1", "airmass": 1.2}
+        record = {**p, "schema_version": NEWER_MINOR, "airmass": 1.2}
     else:
         record = {k: v for k, v in p.items() if k != "exptime"}
         record["schema_version"] = "0.9"

@@ -46,13 +46,14 @@ from spectranet.streamer.tools.files import publish_files
 
 from tests.support.common import SPECTRUM_FILES
 from tests.support.fakes import OUT, FakeConsumer, FakeProducer, fake_daemon, fake_messages, fake_packets
-from tests.support.golden import plain_json
+from tests.support.golden import added_optional_fields, plain_json, schema_fields
 from tests.support.harness import drain
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 FRAMINGS: tuple[Framing, ...] = ("schemaless", "confluent", "container")
 NEW_COLUMNS = ("z_network", "template_object", "template_type", "template_phase", "template_r", "confident",
                "out_of_distribution")
+LATER_COLUMNS = ("called_class",)  # migration 0004 (schema 1.2): tests/test_outputs_v1_2.py
 
 
 def _golden(name: str, version: str, suffix: str) -> Path:
@@ -62,47 +63,11 @@ def _golden(name: str, version: str, suffix: str) -> Path:
 # ------------------------------------------------------------------------------------------- the contract: 1.1 vs 1.0
 
 
-def _fields(schema: Any) -> dict[str, Any]:
-    """Every field of a record schema by dotted path (nested records, also inside unions), with its definition."""
-    out: dict[str, Any] = {}
-
-    def walk(record: dict[str, Any], path: str) -> None:
-        for f in record["fields"]:
-            out[f"{path}{f['name']}"] = f
-            for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
-                if isinstance(branch, dict) and branch.get("type") == "record":
-                    walk(branch, f"{path}{f['name']}.")
-
-    walk(schema, "")
-    return out
-
-
-def _shape(t: Any) -> Any:
-    """A field's type without namespaces and docs; a nested record by its name (its fields are compared apart)."""
-    if isinstance(t, list):
-        return [_shape(x) for x in t]
-    if isinstance(t, dict):
-        if t.get("type") == "record":
-            return ("record", t["name"])
-        return {k: _shape(v) for k, v in t.items() if k not in ("namespace", "doc", "default")}
-    return t
-
-
 @pytest.mark.parametrize("name", schemas.SCHEMA_NAMES)
 def test_1_1_only_adds_optional_fields_to_1_0(name: str) -> None:
-    old, new = _fields(schemas.raw_schema(name, "1.0")), _fields(schemas.raw_schema(name, "1.1"))
-    assert set(old) <= set(new)
-    for path in old:  # same types (namespaces aside); only docs and the version's own default may change
-        assert _shape(old[path]["type"]) == _shape(new[path]["type"]), path
-    added = sorted(set(new) - set(old))
-    nested_in_added = {p for p in added if any(p.startswith(a + ".") for a in added)}
-    for path in set(added) - nested_in_added:
-        assert new[path].get("default", "missing") is None and new[path]["type"][0] == "null", path
-        assert new[path]["doc"].strip()
-    if name == schemas.ANNOTATED_SPECTRUM:
-        assert set(added) - nested_in_added == {"confident", "redshift.z_network", "redshift.template"}
-    else:
-        assert added == []
+    added = added_optional_fields(name, "1.0", "1.1")
+    assert added == ({"confident", "redshift.z_network", "redshift.template"}
+                     if name == schemas.ANNOTATED_SPECTRUM else set())
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
@@ -111,7 +76,7 @@ def test_1_1_bytes_decode_with_the_1_0_reader(framing: Framing) -> None:
     written = json.loads(_golden(schemas.ANNOTATED_SPECTRUM, "1.1", "json").read_text())
     assert written["redshift"]["method"] == "template" and written["redshift"]["template"] is not None
     as_1_0 = Codec(schemas.ANNOTATED_SPECTRUM, version="1.0").decode(data)
-    reader_fields = _fields(schemas.raw_schema(schemas.ANNOTATED_SPECTRUM, "1.0"))
+    reader_fields = schema_fields(schemas.raw_schema(schemas.ANNOTATED_SPECTRUM, "1.0"))
     assert sorted(as_1_0) == sorted(f["name"] for f in schemas.raw_schema(schemas.ANNOTATED_SPECTRUM, "1.0")["fields"])
     assert "confident" not in as_1_0 and set(as_1_0["redshift"]) == {"z", "z_err", "method"}
     leaves = [p for p in reader_fields if not any(q.startswith(p + ".") for q in reader_fields)]
@@ -149,8 +114,7 @@ def test_the_schemaless_framing_reads_each_version_with_its_own_writer_schema() 
             assert ("confident" in record) == (reader == "1.1")
 
 
-def test_the_current_version_is_1_1_with_its_own_bundled_ids() -> None:
-    assert schemas.SCHEMA_VERSION == "1.1"
+def test_1_1_keeps_its_own_bundled_ids() -> None:
     ids = dict(schemas.BUNDLED_SCHEMA_IDS)
     assert ids[1] == (schemas.SPECTRUM_PACKET, "1.0") and ids[2] == (schemas.ANNOTATED_SPECTRUM, "1.0")  # kept
     assert ids[3] == (schemas.SPECTRUM_PACKET, "1.1") and ids[4] == (schemas.ANNOTATED_SPECTRUM, "1.1")
@@ -202,7 +166,7 @@ def _annotate(prediction: Prediction, model: Checkpoint, **packet_changes: Any) 
 
 def test_a_refined_redshift_is_method_template_with_the_network_z_and_the_template(shipped) -> None:
     _, record = _annotate(_prediction(), shipped)
-    assert record["schema_version"] == "1.1" and record["confident"] is True
+    assert record["schema_version"] == schemas.SCHEMA_VERSION and record["confident"] is True
     assert record["redshift"] == {"z": 0.031, "z_err": 0.002, "method": "template", "z_network": 0.05,
                                   "template": {"object": "sn2011fe", "type": "Ia-norm", "phase": 5.0, "r": 11.5}}
     assert OUT_OF_DISTRIBUTION not in record["quality"]["flags"]
@@ -245,7 +209,7 @@ def _columns(engine: sa.Engine, table: str) -> list[str]:
 
 def _a_row_at_0002(engine: sa.Engine) -> None:
     """One spectrum and classification written with the columns 0002 has (what a 1.0 daemon stored)."""
-    old = [c for c in db.classifications.c if c.name not in NEW_COLUMNS]
+    old = [c for c in db.classifications.c if c.name not in NEW_COLUMNS + LATER_COLUMNS]
     now = datetime(2026, 11, 30, tzinfo=timezone.utc)
     with engine.begin() as conn:
         conn.execute(db.spectra.insert().values(spectrum_id="s1", revision=0, object_id="o1", survey="ZTF",
@@ -329,12 +293,13 @@ def _check_rows_against_records(rows: list[dict], records: list[dict], model: Ch
     assert len(by_id) == len(records) > 0
     threshold = model.calibration.thresholds[CLASSES[0]]
     for a in records:
-        assert a["schema_version"] == "1.1"
+        assert a["schema_version"] == schemas.SCHEMA_VERSION
         row, z = by_id[a["spectrum_id"]], a["redshift"]
         assert row["z"] == pytest.approx(z["z"]) and row["z_method"] == z["method"]
         assert row["z_network"] == pytest.approx(z["z_network"])
         assert row["confident"] is a["confident"] is (a["top_probability"] >= threshold)
         assert row["out_of_distribution"] is (OUT_OF_DISTRIBUTION in a["quality"]["flags"])
+        assert row["called_class"] == a["called_class"] in CLASSES  # since 1.2 (tests/test_outputs_v1_2.py)
         if z["method"] == "template":
             t = z["template"]
             assert (row["template_object"], row["template_type"]) == (t["object"], t["type"])
@@ -354,7 +319,7 @@ def _ood_bias_at_median(model: Checkpoint, packets: list[dict]) -> float:
     return -float(np.median(means))
 
 
-def test_the_daemon_writes_the_new_columns_and_publishes_1_1(shipped, bank, tmp_path) -> None:
+def test_the_daemon_writes_the_new_columns_and_publishes_them(shipped, bank, tmp_path) -> None:
     msgs, good, _ = fake_messages(12)
     model = _calibrated(shipped, threshold=0.6, ood_bias=_ood_bias_at_median(shipped, good))
     engine = InferenceEngine(model, device="cpu", templates=bank)

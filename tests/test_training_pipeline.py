@@ -23,6 +23,7 @@ from spectranet.training.calibrate import calibrate, evaluation_sets
 from spectranet.training.data import load_galaxies, load_spectra, read_manifest, save_pack
 from spectranet.training.ensemble import add_redshift_members
 from spectranet.training.evaluate import evaluate
+from spectranet.training.model_card import decisions_table
 from spectranet.training.simulate import sedm_input_bins
 from spectranet.training.train import TrainConfig, load_split, train
 
@@ -115,6 +116,13 @@ def test_two_step_training_checkpoint_engine_and_evaluate(tiny_data: Path, tmp_p
     assert "SpectraNet_classifier_given_true_z" not in data["summary"]  # one network: no rest-frame classifier
     assert {"SpectraNet", "SpectraNet + templates", "baseline", "SpectraNet_beats_baseline", "ece"} \
         <= set(data["summary"])
+    decisions = data["summary"]["decisions"]  # the most probable class against the class called down the tree
+    assert set(decisions["SpectraNet + templates"]) == {"top_class", "called_class", "note"}
+    main = data["sets"][data["summary"]["set"]]["model_refined"]
+    assert decisions["SpectraNet + templates"]["top_class"]["accuracy"] == pytest.approx(main["accuracy"])
+    assert decisions["SpectraNet + templates"]["top_class"]["ia_vs_non_ia_accuracy"] == \
+        pytest.approx(main["ia_vs_non_ia_accuracy"])
+    assert "| called_class (down the tree) |" in decisions_table(data["summary"])
     for name in ("confusion.png", "confusion_baseline.png", "redshift.png", "pr.png", "reliability.png",
                  "purity_completeness.png"):
         assert (out / name).stat().st_size > 1000

@@ -97,6 +97,20 @@ def test_group_accuracies():
     assert (acc, n) == (pytest.approx(0.5), 2)
 
 
+def test_decisions_of_one_reported_class_per_spectrum():
+    i = {c: CLASSES.index(c) for c in CLASSES}
+    y = np.array([i["II"], i["Ic"], i["Ib"], i["Ia"], i["IIb"]])
+    pred = np.array([i["IIn"], i["Ia"], i["Ic-BL"], i["Ia"], i["Ib"]])
+    # H-rich vs H-poor over the four CC spectra: II->IIn right, Ic->Ia wrong (outside both groups), Ib->Ic-BL right,
+    # IIb->Ib wrong
+    assert M.h_rich_poor_decision_accuracy(y, pred, CLASSES) == pytest.approx(0.5)
+    d = M.decision_report(y, pred, CLASSES)
+    assert d["accuracy"] == pytest.approx(0.2) and d["ia_vs_non_ia_accuracy"] == pytest.approx(0.8)
+    assert d["h_rich_vs_h_poor_accuracy"] == pytest.approx(0.5)
+    assert d["macro_f1"] == pytest.approx(M.macro_f1(M.confusion_matrix(y, pred, len(CLASSES))))
+    assert np.isnan(M.h_rich_poor_decision_accuracy(np.array([i["Ia"]]), np.array([i["Ia"]]), CLASSES))
+
+
 def test_redshift_stats_hand_case():
     zt = np.array([0.0, 0.1, 0.2, 0.5])
     zp = np.array([0.0, 0.1 + 0.011, 0.2 - 0.012, 0.5 + 0.3])

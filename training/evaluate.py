@@ -45,7 +45,7 @@ from spectranet.streamer.science.calibration import Calibration
 from spectranet.streamer.science.checkpoint import Checkpoint, load_checkpoint
 from spectranet.streamer.science.inference import RECLASSIFY_SHIFT, InferenceEngine
 from spectranet.streamer.science.preprocess import remove_continuum
-from spectranet.streamer.science.taxonomy import CLASSES
+from spectranet.streamer.science.taxonomy import CLASSES, hierarchical_call
 from spectranet.streamer.science.templates import DEFAULT_WINDOW
 from spectranet.training import figures
 from spectranet.training import metrics as M
@@ -255,6 +255,11 @@ def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module,
         if final.refinement is not None and len(s.y) else 0.0,
         "reclassified_fraction": float(final.reclassified.mean()) if len(s.y) else 0.0,
         "note": "what the daemon outputs: template-refined z, classes at it where it moved"}
+    result["model_refined"]["decisions"] = {
+        "top_class": M.decision_report(s.y, probs.argmax(axis=1), CLASSES),
+        "called_class": M.decision_report(s.y, hierarchical_call(probs, CLASSES), CLASSES),
+        "note": "one reported class per spectrum: the most probable (top_class) or the one called down the "
+                "taxonomy's tree (called_class); H-rich vs H-poor counts a class outside both groups as wrong"}
     if cross is not None:
         result["model_refined"]["calibration_cross_fitted"] = {k: v for k, v in cross.items() if k != "probs"}
     if ood is not None:
@@ -271,6 +276,7 @@ def _evaluate_set(name: str, s: EvalSet, ckpt: Checkpoint, net: torch.nn.Module,
         onehot = np.eye(len(CLASSES))[cls]
         result["baseline"] = score(s.y, onehot, zb, s.z)
         result["baseline"]["ece"] = M.expected_calibration_error(onehot, s.y)
+        result["baseline"]["decisions"] = {"top_class": M.decision_report(s.y, cls, CLASSES)}
         z_preds["template matcher"] = zb
         if len(s.y) >= 100:
             stacked = _stacked(s, final.logits, onehot * match_score[:, None])
@@ -352,6 +358,8 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
                           "ece_over_halvings"),
                       "shipped_calibration_on_its_fitting_set": main["model_refined"]["ece_shipped_calibration"],
                       "temperature": ckpt.temperature, "class_bias": ckpt.calibration.class_bias}
+    summary["decisions"] = {"SpectraNet + templates": main["model_refined"]["decisions"],
+                            **({"baseline": main["baseline"]["decisions"]} if "baseline" in main else {})}
     if "baseline" in main:
         summary["baseline"] = _headline(main["baseline"])
         summary["SpectraNet_beats_baseline"] = _beats(summary["SpectraNet + templates"], summary["baseline"])

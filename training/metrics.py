@@ -10,14 +10,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from spectranet.streamer.science.taxonomy import H_POOR, H_RICH
 
 __all__ = ["H_RICH", "H_POOR", "softmax", "confusion_matrix", "per_class_prf", "macro_f1", "ia_accuracy",
            "h_rich_poor_accuracy", "redshift_stats", "expected_calibration_error", "reliability_bins",
-           "fit_temperature", "fit_temperature_and_bias", "precision_recall_curve", "classification_report"]
-
-H_RICH: tuple[str, ...] = ("II", "IIn", "IIb")
-H_POOR: tuple[str, ...] = ("Ib", "Ic", "Ic-BL")
-
+           "fit_temperature", "fit_temperature_and_bias", "precision_recall_curve", "classification_report",
+           "h_rich_poor_decision_accuracy", "decision_report"]
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of [N, C] logits / T."""
@@ -75,6 +73,30 @@ def h_rich_poor_accuracy(y_true: np.ndarray, probs: np.ndarray, classes: Sequenc
     p = np.asarray(probs)[keep]
     pred_rich = p[:, rich].sum(axis=1) > p[:, poor].sum(axis=1)
     return float(np.mean(pred_rich == np.isin(y[keep], rich))), int(keep.sum())
+
+
+def h_rich_poor_decision_accuracy(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> float:
+    """Over the spectra that are H-rich (II, IIn, IIb) or H-poor (Ib, Ic, Ic-BL), the fraction whose predicted class
+    is of their group: the question asked of a reported class, so a call outside both groups (say Ia) is wrong.
+    (``h_rich_poor_accuracy`` asks it of the probabilities instead.)"""
+    rich = [list(classes).index(c) for c in H_RICH]
+    poor = [list(classes).index(c) for c in H_POOR]
+    y, pred = np.asarray(y_true), np.asarray(y_pred)
+    keep = np.isin(y, rich + poor)
+    if not keep.any():
+        return math.nan
+    right = np.where(np.isin(y[keep], rich), np.isin(pred[keep], rich), np.isin(pred[keep], poor))
+    return float(right.mean())
+
+
+def decision_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """The questions asked of one reported class per spectrum (the arg-max, or the class called down the tree):
+    exact accuracy, macro-F1, Ia vs non-Ia, and H-rich vs H-poor by ``h_rich_poor_decision_accuracy``."""
+    y, pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    return {"accuracy": float(np.mean(pred == y)) if y.size else math.nan,
+            "macro_f1": macro_f1(confusion_matrix(y, pred, len(classes))),
+            "ia_vs_non_ia_accuracy": ia_accuracy(y, pred, list(classes).index("Ia")),
+            "h_rich_vs_h_poor_accuracy": h_rich_poor_decision_accuracy(y, pred, classes)}
 
 
 def redshift_stats(z_pred: np.ndarray, z_true: np.ndarray, outlier: float = 0.15) -> dict[str, float]:

@@ -14,7 +14,7 @@ from typing import Any
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training.evaluate import TARGETS
 
-__all__ = ["data_table", "metrics_table", "sets_table", "ood_table", "per_class_table"]
+__all__ = ["data_table", "metrics_table", "decisions_table", "sets_table", "ood_table", "per_class_table"]
 
 
 def data_table(card: dict[str, Any]) -> str:
@@ -55,6 +55,24 @@ def metrics_table(summary: dict[str, Any]) -> str:
         rows.append(f"| {label} | - | {_fmt(summary['SpectraNet'][key])} | "
                     f"{_fmt(summary['SpectraNet + templates'][key])} | "
                     f"{_fmt(summary.get('baseline', {}).get(key, float('nan')))} | - | - |")
+    return "\n".join(rows)
+
+
+def decisions_table(summary: dict[str, Any]) -> str:
+    """The questions asked of one reported class per spectrum: the most probable class (``top_class``) against the
+    class called down the taxonomy's tree (``called_class``), and the template matcher's class."""
+    d = summary.get("decisions")
+    if not d:
+        return ""
+    ours, base = d["SpectraNet + templates"], d.get("baseline", {}).get("top_class", {})
+    rows = ["| reported class | Ia vs non-Ia | H-rich vs H-poor (class in the right group) | macro-F1 | accuracy |",
+            "|---|---:|---:|---:|---:|"]
+    keys = ("ia_vs_non_ia_accuracy", "h_rich_vs_h_poor_accuracy", "macro_f1", "accuracy")
+    for label, m in (("top_class (most probable)", ours["top_class"]), ("called_class (down the tree)",
+                                                                       ours["called_class"]),
+                     ("template matcher", base)):
+        if m:
+            rows.append(f"| {label} | " + " | ".join(_fmt(m[k]) for k in keys) + " |")
     return "\n".join(rows)
 
 
@@ -103,6 +121,7 @@ def main(argv: list[str]) -> int:
     report = json.loads(Path(argv[1]).read_text())
     print(data_table(card), "\n")
     print(metrics_table(report["summary"]), "\n")
+    print(decisions_table(report["summary"]), "\n")
     print(sets_table(report), "\n")
     print(ood_table(report["summary"]), "\n")
     for name, s in report["sets"].items():

@@ -5,7 +5,8 @@ Pure functions: no I/O, so the shape of the output contract is tested without a 
 The redshift is the packet's prior when it has one (method ``prior``), else the network's refined by template
 cross-correlation where a template matched well (``template``), else the network's (``model``); ``z_network`` keeps
 the network's own and ``template`` names the best-matching template. ``confident`` and the ``out_of_distribution``
-quality flag come from the checkpoint's calibration (``science.inference``).
+quality flag come from the checkpoint's calibration (``science.inference``); ``called_class`` is the class called
+down the taxonomy's tree (``science.taxonomy.hierarchical_call``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def build_annotation(packet: Mapping[str, Any], prepared: Prepared, prediction: 
         "top_class": prediction.top_class,
         "top_probability": prediction.top_probability,
         "confident": prediction.confident,
+        "called_class": prediction.called_class,
         "redshift": redshift,
         "quality": {"coverage_fraction": float(prepared.coverage_fraction),
                     "median_snr": None if snr != snr else float(snr),  # NaN -> null

@@ -97,6 +97,8 @@ classifications = sa.Table(
     sa.Column("template_r", sa.Float),                                  # SNID r-value of the match
     sa.Column("confident", sa.Boolean),                                 # null: the model has no thresholds
     sa.Column("out_of_distribution", sa.Boolean),
+    # Since migration 0004 (schema 1.2); null in rows written before it.
+    sa.Column("called_class", sa.String(32)),                           # the class called down the taxonomy's tree
 )
 
 dead_letters = sa.Table(
@@ -234,6 +236,7 @@ def classification_rows(packet: Mapping[str, Any], annotation: Mapping[str, Any]
             "template_type": template.get("type"), "template_phase": template.get("phase"),
             "template_r": template.get("r"), "confident": annotation.get("confident"),
             "out_of_distribution": OUT_OF_DISTRIBUTION in q["flags"],
+            "called_class": annotation.get("called_class"),
         },
     )
 

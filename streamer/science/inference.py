@@ -18,7 +18,8 @@ spectrum again (78%) gained no more, and on the simulated set either was within 
 The checkpoint's calibration (``Checkpoint.calibration``) adds the two decisions an astronomer acts on, computed here so
 that the daemon and ``spectranet classify`` apply the same rule: ``confident`` (the top class's probability reaches its
 class's purity threshold; None for a checkpoint without thresholds) and ``out_of_distribution`` (the input flux looks
-like no class of the taxonomy; False for a checkpoint without an out-of-distribution model).
+like no class of the taxonomy; False for a checkpoint without an out-of-distribution model). Beside the most probable
+class, ``called_class`` is the one called down the taxonomy's tree (Ia or not first: ``taxonomy.hierarchical_call``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from spectranet.streamer.errors import CheckpointError, ConfigError
 from spectranet.streamer.science.checkpoint import Checkpoint
 from spectranet.streamer.science.preprocess import Prepared
+from spectranet.streamer.science.taxonomy import hierarchical_call
 from spectranet.streamer.science.templates import (
     DEFAULT_WINDOW,
     METHOD_NETWORK,
@@ -82,10 +84,13 @@ class Prediction:
     template: TemplateMatch | None = None  # best-matching template when z_method is "template"
     confident: bool | None = None    # top probability >= its class's purity threshold; None: no thresholds
     out_of_distribution: bool = False  # the input looks like no class of the taxonomy (False: no such model)
+    called_class: str = ""           # the class called down the taxonomy's tree (hierarchical_call); "": top_class
 
     def __post_init__(self) -> None:
         if math.isnan(self.z_network):
             object.__setattr__(self, "z_network", self.z)
+        if not self.called_class:
+            object.__setattr__(self, "called_class", self.top_class)
         if self.z_method not in (METHOD_NETWORK, METHOD_TEMPLATE):
             raise ValueError(f"z_method must be {METHOD_NETWORK!r} or {METHOD_TEMPLATE!r}, got {self.z_method!r}")
 
@@ -212,6 +217,7 @@ class InferenceEngine:
         entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1) / math.log(n)
         calibration = self.checkpoint.calibration
         has_thresholds = bool(calibration.thresholds)
+        calls = hierarchical_call(probs, self.taxonomy)
         preds = []
         for i, p in enumerate(probs):
             top = int(p.argmax())
@@ -225,7 +231,7 @@ class InferenceEngine:
                 z_network=float(out.z_network[i]), z_method=METHOD_NETWORK if match is None else METHOD_TEMPLATE,
                 template=match,
                 confident=calibration.confident(top_class, top_probability) if has_thresholds else None,
-                out_of_distribution=bool(out.out_of_distribution[i]),
+                out_of_distribution=bool(out.out_of_distribution[i]), called_class=self.taxonomy[int(calls[i])],
             ))
         return preds
 

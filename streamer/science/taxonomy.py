@@ -1,4 +1,5 @@
-"""Taxonomy v1 and the mapping from labels as reported (TNS, OSC, WISeREP, SNID templates) to its classes.
+"""Taxonomy v1, the mapping from labels as reported (TNS, OSC, WISeREP, SNID templates) to its classes, and the call
+made down its tree (``hierarchical_call``).
 
 Ambiguous labels (``Ib/c``, anything with ``?``, ``SLSN-II``, alternatives naming different classes such as
 ``Ia/Ic``) map to ``None`` and are excluded from training and scoring; so are classes outside the taxonomy (AGN,
@@ -8,11 +9,20 @@ stars, kilonovae, LBVs, ...).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-__all__ = ["TAXONOMY_VERSION", "CLASSES", "map_label"]
+import numpy as np
+
+__all__ = ["TAXONOMY_VERSION", "CLASSES", "H_RICH", "H_POOR", "CALL_TREE", "IA", "map_label", "hierarchical_call"]
 
 TAXONOMY_VERSION = "1"
 CLASSES: tuple[str, ...] = ("Ia", "Ib", "Ic", "Ic-BL", "II", "IIn", "IIb", "SLSN-I", "TDE")
+IA = "Ia"
+H_RICH: tuple[str, ...] = ("II", "IIn", "IIb")     # core collapse, hydrogen-rich envelope
+H_POOR: tuple[str, ...] = ("Ib", "Ic", "Ic-BL")    # core collapse, stripped envelope
+CALL_TREE: tuple[tuple[str, ...], ...] = ((IA,), H_RICH, H_POOR, ("SLSN-I",), ("TDE",))
+"""The branches of the taxonomy's tree that ``hierarchical_call`` walks: Ia against the rest, then the groups of the
+rest (a class in no group is a branch of its own)."""
 
 # Checked in order after normalisation (upper-case, 'SN ' prefix dropped, separators unified to '-').
 _RULES: tuple[tuple[str, str], ...] = (
@@ -53,3 +63,36 @@ def _match(label: str) -> str | None:
         if re.match(pattern, label):
             return cls
     return None
+
+
+def hierarchical_call(probabilities: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """The class called for each row of ``probabilities`` [B, C] (columns in ``classes`` order), as an index: down the
+    taxonomy's tree (``CALL_TREE``), the more probable branch at each node. First Ia against everything else (Ia
+    when P(Ia) >= 0.5), then among the rest the group with the largest summed probability (hydrogen-rich II/IIn/IIb,
+    hydrogen-poor Ib/Ic/Ic-BL, SLSN-I, TDE), then that group's most probable class.
+
+    It differs from the most probable class (the arg-max) only where no class holds half the probability: with
+    P(Ia) 0.40, P(Ic) 0.30, P(Ib) 0.20 the arg-max says Ia while P(not Ia) is 0.60 and the call is Ic. With
+    calibrated probabilities each step is the decision most often right for that question (Ia or not; hydrogen or
+    not), which is what follow-up acts on first. Measured with 0.9.1 on its 1,935 real-degraded validation spectra
+    (calibration cross-fitted by object halves, 8 halvings): Ia vs non-Ia 0.866 (arg-max) -> 0.889 (call), H-rich vs
+    H-poor by the called class 0.833 -> 0.872, macro-F1 0.442 -> 0.440, exact-class accuracy 0.757 -> 0.738.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != len(classes):
+        raise ValueError(f"probabilities must be [B, {len(classes)}] for classes {tuple(classes)}, got {p.shape}")
+    column = {c: j for j, c in enumerate(classes)}
+    groups = [[column[c] for c in group if c in column] for group in CALL_TREE if group != (IA,)]
+    grouped = {j for g in groups for j in g}
+    groups = [g for g in groups if g] + [[j] for j, c in enumerate(classes) if j not in grouped and c != IA]
+    rest = np.full(len(p), -1, dtype=np.int64)
+    if groups:
+        mass = np.stack([p[:, g].sum(axis=1) for g in groups], axis=1)
+        best_group = mass.argmax(axis=1)
+        for k, g in enumerate(groups):
+            rows = best_group == k
+            rest[rows] = np.asarray(g)[p[np.ix_(rows, g)].argmax(axis=1)]
+    if IA not in column:
+        return rest
+    ia = column[IA]
+    return np.where((p[:, ia] >= 0.5) | (rest < 0), ia, rest)

@@ -28,13 +28,13 @@ __all__ = ["run_demo", "sample_paths"]
 
 log = logging.getLogger(__name__)
 
-# Plain SQL on the views of migrations 0002 and 0003: runs on SQLite and PostgreSQL alike.
+# Plain SQL on the views of migrations 0002-0004: runs on SQLite and PostgreSQL alike.
 SQL_EXAMPLES = """\
 -- the latest classification of each object (from its most recent spectrum), and the template it looks like
 SELECT object_id, top_class, top_probability, z, z_method, template_object, template_phase
   FROM latest_classification_per_object ORDER BY object_id;
--- objects per predicted class
-SELECT top_class, count(*) AS n FROM latest_classification_per_object GROUP BY top_class ORDER BY n DESC;
+-- objects per class called down the taxonomy's tree (Ia when P(Ia) >= 0.5, then the most probable group)
+SELECT called_class, count(*) AS n FROM latest_classification_per_object GROUP BY called_class ORDER BY n DESC;
 -- confident calls only (the model's per-class purity thresholds), not flagged out of distribution
 SELECT object_id, top_class, top_probability, z FROM latest_classification_per_object
  WHERE confident AND NOT out_of_distribution;
@@ -58,6 +58,7 @@ try:
         a = codec.decode(msg.value())
         z, t = a["redshift"], a["redshift"]["template"]
         print(a["object_id"], a["top_class"], round(a["top_probability"], 2), "confident:", a["confident"],
+              "called:", a["called_class"],
               "z:", round(z["z"], 4), z["method"], "looks like " + t["object"] if t else "",
               "OUT OF DISTRIBUTION" if "out_of_distribution" in a["quality"]["flags"] else "")
 finally:
@@ -110,8 +111,8 @@ def _report(db_url: str, samples: list[str], output_dir: Path) -> None:
     db_engine = db.create_engine(db_url)
     with db_engine.connect() as conn:
         rows = conn.execute(sa.select(db.classifications).order_by(db.classifications.c.object_id)).mappings().all()
-    print(f"\n{'object':<32}{'reported':<12}{'predicted':<11}{'p':>6}{'conf':>6}{'z rep':>8}{'z pred':>16}"
-          f"  {'z from':<9}looks like")
+    print(f"\n{'object':<32}{'reported':<12}{'predicted':<11}{'p':>6}{'conf':>6}  {'called':<8}{'z rep':>8}"
+          f"{'z pred':>16}  {'z from':<9}looks like")
     for r in rows:
         sf = truth[r["spectrum_id"]][0] if r["spectrum_id"] in truth else None
         reported = (sf.label or "?") if sf else "?"
@@ -123,7 +124,7 @@ def _report(db_url: str, samples: list[str], output_dir: Path) -> None:
         if r["out_of_distribution"]:
             looks_like += " OUT OF DISTRIBUTION"
         print(f"{r['object_id'][:31]:<32}{reported:<12}{r['top_class']:<11}{r['top_probability']:>6.2f}{confident:>6}"
-              f"{z_rep:>8}{z_pred:>16}  {r['z_method']:<9}{looks_like}")
+              f"  {r['called_class'] or '-':<8}{z_rep:>8}{z_pred:>16}  {r['z_method']:<9}{looks_like}")
     n_template = sum(r["z_method"] == "template" for r in rows)
     print(f"{n_template} of {len(rows)} redshifts refined by the shipped templates (z from 'template'); the others "
           "are the network's ('model')")

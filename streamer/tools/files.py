@@ -87,6 +87,7 @@ def _result(path: str, prepared: Prepared, pred: Prediction, inference: Inferenc
     return {
         "file": path,
         "top_class": pred.top_class,
+        "called_class": pred.called_class,
         "probabilities": pred.probabilities,
         "confident": pred.confident,
         "redshift": pred.z,
@@ -105,13 +106,17 @@ def _result(path: str, prepared: Prepared, pred: Prediction, inference: Inferenc
 
 def describe_result(result: Mapping[str, Any]) -> str:
     """One line for a person: ``Ia 0.97 (confident) z=0.031±0.004 [template: looks like sn2011fe (Ia-norm) at +5 d]``
-    (``(not confident)`` below the class's threshold, nothing when the model has none)."""
+    (``(not confident)`` below the class's threshold, nothing when the model has none; ``[called Ic down the tree]``
+    where the called class differs from the most probable one)."""
     if "error" in result:
         return f"ERROR {result['error']}"
     top = result["top_class"]
     confidence = {True: " (confident)", False: " (not confident)", None: ""}[result["confident"]]
     line = (f"{top} {result['probabilities'][top]:.2f}{confidence} "
             f"z={result['redshift']:.3f}±{result['redshift_err']:.3f}")
+    called = result.get("called_class") or top
+    if called != top:
+        line += f" [called {called} {result['probabilities'][called]:.2f} down the tree: no class holds half]"
     t = result["template"]
     if t is not None:
         phase = "" if t["phase"] is None else f" at {round(t['phase']):+d} d"

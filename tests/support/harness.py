@@ -130,11 +130,16 @@ MALFORMED = {  # kind -> (spectranet.error.class, spectranet.error.field)
 }
 
 
+_MAJOR, _MINOR = schemas.SCHEMA_VERSION.split(".")
+NEWER_MINOR = f"{_MAJOR}.{int(_MINOR) + 1}"  # a version no producer has written yet
+
+
 def evolved_schema(extra_field: bool) -> dict[str, Any]:
-    """A writer schema one minor version ahead (extra field) or behind (an optional field missing)."""
-    raw = copy.deepcopy(schemas.raw_schema(schemas.SPECTRUM_PACKET, "1.0"))
+    """A writer schema of the packet one minor version ahead of the current one (``NEWER_MINOR``: an extra field) or
+    behind every bundled one (0.9: an optional field missing)."""
+    raw = copy.deepcopy(schemas.raw_schema(schemas.SPECTRUM_PACKET))
     if extra_field:
-        raw["namespace"] = "spectranet.v1_1"
+        raw["namespace"] = f"spectranet.v{NEWER_MINOR.replace('.', '_')}"
         raw["fields"].append({"name": "airmass", "type": ["null", "double"], "default": None, "doc": "x"})
     else:
         raw["namespace"] = "spectranet.v0_9"
