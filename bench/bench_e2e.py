@@ -148,7 +148,9 @@ class DaemonProcess:
 
 
 def daemon_env(*, bootstrap: str, group: str, topic: str, output: str, database_url: str,
-               threads: int) -> dict[str, str]:
+               threads: int | None) -> dict[str, str]:
+    """The daemon's environment; ``threads`` pins torch (and OpenMP/MKL) to that many threads, None leaves torch's
+    default (one per core), as a deployment that does not set ``model.threads`` gets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECTRANET_", "KAFKA_"))}
     env.update({
         "SPECTRANET_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "SPECTRANET_KAFKA__GROUP_ID": group,
@@ -156,8 +158,11 @@ def daemon_env(*, bootstrap: str, group: str, topic: str, output: str, database_
         "SPECTRANET_KAFKA__SESSION_TIMEOUT_MS": "6000",
         "SPECTRANET_DATABASE__URL": database_url, "SPECTRANET_DATABASE__MIGRATE_ON_START": "false",
         "SPECTRANET_METRICS__PORT": "0", "SPECTRANET_MODEL__DEVICE": "cpu",
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
     })
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(var, None)
+        if threads is not None:
+            env[var] = str(threads)
     return env
 
 

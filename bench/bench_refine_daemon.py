@@ -2,15 +2,18 @@
 
     python bench/bench_refine_daemon.py [--packets 2000] [--repeats 2] [--write]
 
-The daemon runs as deployed (``python -m spectranet.streamer.cli run``, default configuration, one torch thread as in
-bench_e2e.py) on N real packets published before it starts; sustained throughput is N / (last arrival on the output
-topic - first ``consumed_at``), start-up and model load excluded, as in bench_e2e.py. The daemon's CPU time over the
-same span (``/proc/<pid>/stat``) is the figure the other load on a shared machine disturbs least. Variants, run in
-turn so that a change of load hits each alike:
+The daemon runs as deployed (``python -m spectranet.streamer.cli run``, default configuration: torch's own thread count,
+one per core, as ``model.threads`` leaves it) on N real packets published before it starts; sustained throughput is
+N / (last arrival on the output topic - first ``consumed_at``), start-up and model load excluded, as in bench_e2e.py.
+The daemon's CPU time over the same span (``/proc/<pid>/stat``) is the figure the other load on a shared machine
+disturbs least. Variants, run in turn so that a change of load hits each alike:
 
 - ``on``: ``model.templates`` = "" (the shipped bank), OpenBLAS pinned to one thread by the CLI (its default);
 - ``off``: ``model.templates`` = "none";
-- ``on, 2 BLAS threads``: as ``on`` with ``OPENBLAS_NUM_THREADS=2``, to check the CLI's default.
+- ``on, 1 torch thread``: as ``on`` with ``model.threads`` = 1 (and ``OMP_NUM_THREADS=1``), as when one daemon per core
+  shares a host (README: set 1 then); sessions 7-10 reported this row as the headline;
+- ``on, 2 BLAS threads``: as ``on`` with ``OPENBLAS_NUM_THREADS=2``, to check the CLI's default;
+- ``on, bf16``: as ``on`` with ``model.precision`` = bfloat16 (the CPU default is float32).
 
 Writes bench/results/refine_daemon.json; ``--write`` also puts its section into BENCHMARKS.md (``section``, which
 ``run_all.py`` renders too).
@@ -33,9 +36,11 @@ from common import ROOT, base_packets, load, machine
 RESULTS = ROOT / "bench" / "results"
 OUT = RESULTS / "refine_daemon.json"
 TITLE = "## Daemon end to end with template refinement (bench/bench_refine_daemon.py)"
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SPECTRANET_MODEL__THREADS": "1"}
 VARIANTS: dict[str, dict[str, str]] = {
     "on": {"SPECTRANET_MODEL__TEMPLATES": ""},
     "off": {"SPECTRANET_MODEL__TEMPLATES": "none"},
+    "on, 1 torch thread": {"SPECTRANET_MODEL__TEMPLATES": "", **_ONE_THREAD},
     "on, 2 BLAS threads": {"SPECTRANET_MODEL__TEMPLATES": "", "OPENBLAS_NUM_THREADS": "2"},
     "on, bf16": {"SPECTRANET_MODEL__TEMPLATES": "", "SPECTRANET_MODEL__PRECISION": "bfloat16"},
 }
@@ -65,7 +70,7 @@ def one_run(variant: str, *, bootstrap: str, pg_dsn: str, create_database: Any, 
     items, revs = Blocks(base).take(n)
     Publisher(bootstrap, topic).burst(items)
     watcher = OutputWatcher(bootstrap, output)
-    env = {**daemon_env(bootstrap=bootstrap, group=name, topic=topic, output=output, database_url=url, threads=1),
+    env = {**daemon_env(bootstrap=bootstrap, group=name, topic=topic, output=output, database_url=url, threads=None),
            **VARIANTS[variant]}
     proc = DaemonProcess(env, RESULTS / "daemon-refine.log")
     load_start, cpu_first = load(), None
@@ -101,6 +106,11 @@ def one_run(variant: str, *, bootstrap: str, pg_dsn: str, create_database: Any, 
     return row
 
 
+def _verdict(rates: list[float], target: float = 200.0) -> str:
+    """Whether the sorted ``rates`` meet ``target``: by every run, by some, or not."""
+    return "met by every run" if rates[0] >= target else "met by some runs" if rates[-1] >= target else "not met"
+
+
 def section(r: dict[str, Any]) -> str:
     """The BENCHMARKS.md section for the results ``r`` (bench/results/refine_daemon.json)."""
     m = r["machine"]
@@ -116,12 +126,14 @@ def section(r: dict[str, Any]) -> str:
         la = "; ".join(" / ".join(f"{v:.2f}" for v in x["load_average_end"]) for x in runs)
         rows.append(f"| {variant} | {rates} | {cpu} | {100 * refined:.0f} % | {la} |")
     on = sorted(x["spectra_per_s"] for x in r["runs"] if x["variant"] == "on")
+    bf16 = sorted(x["spectra_per_s"] for x in r["runs"] if x["variant"] == "on, bf16")
     return "\n".join([
         TITLE, "",
         f"{r['date']}, commit `{m['commit']}`; {m['cpu']}, `nproc` = {m['nproc']}, RAM {m['ram_gb']} GB; Python "
         f"{m['python']}, torch {m['torch']}, numpy {m['numpy']}; {r['kafka']}, {r['postgres']}. {r['packets']:,} real "
         "packets (the 200 test spectra, each several revisions) published to 3 partitions before the daemon starts; "
-        "one daemon subprocess, default configuration (batches of 64 or 0.25 s, pipelined), one torch thread. "
+        "one daemon subprocess, default configuration (batches of 64 or 0.25 s, pipelined, torch's default threads: "
+        "one per core) unless the variant says otherwise. "
         f"`uptime` at the start: `{r['uptime_start']}`; at the end: `{r['uptime_end']}`.", "",
         f"**{r['shared_cpu_note']}**", "",
         "| model.templates | spectra/s (each run) | daemon CPU ms / spectrum | redshifts refined | load average "
@@ -129,8 +141,9 @@ def section(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|",
         *rows, "",
         f"Target (issue 14): >= 200 spectra/s end to end with the refinement on: {on[0]:,.1f} to {on[-1]:,.1f} "
-        f"spectra/s ({'met by every run' if on[0] >= 200 else 'met by some runs' if on[-1] >= 200 else 'not met'} "
-        "on this machine). Spectra/s is N / (last arrival - first "
+        f"spectra/s in the default configuration ({_verdict(on)} on this machine)"
+        + (f"; {bf16[0]:,.1f} to {bf16[-1]:,.1f} with `model.precision: bfloat16` ({_verdict(bf16)})" if bf16 else "")
+        + ". Spectra/s is N / (last arrival - first "
         "consumed_at); CPU time is the daemon's (all threads) from its first output to its last, per spectrum after "
         "the first batch. The CLI pins OpenBLAS to one thread (`OPENBLAS_NUM_THREADS`, unless set)"
         + (": the last row shows what a second one costs." if any(x["variant"] == "on, 2 BLAS threads"

@@ -255,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
                         "spin, measured 14x slower on 2 shared cores; 0: one per core)")
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="network arithmetic (default auto: bf16 on CUDA, float32 on CPU; bfloat16 halves the CPU time "
-                        "on an AMX/AVX512-BF16 CPU and changes 1.5%% of the calls)")
+                        "on an AMX/AVX512-BF16 CPU and changes 0.5%% of the calls: 9 of 1,935 with 0.9.1)")
     p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("db", help="database management")
