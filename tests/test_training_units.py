@@ -24,6 +24,7 @@ from spectranet.training.loop import (
     ema_update,
     learning_rate,
     parse_overrides,
+    sampling_weights,
     schedule_step,
     train_step,
 )
@@ -319,6 +320,29 @@ def test_batch_keys_resume_at_any_step_and_ranks_share_a_global_batch():
     for step in range(3):
         ranks = [next(islice(batch_keys(10, 4, 1, step, rank=r, world=2), 1)) for r in range(2)]
         assert sorted(ranks[0] + ranks[1]) == sorted(straight[step])
+
+
+def test_sampling_weights_balance_objects_within_each_class_and_keep_the_class_mix():
+    # class 0: object a with 3 spectra, b with 1; class 1: c with 2, d with 2
+    objects, targets = ["a", "a", "a", "b", "c", "c", "d", "d"], np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    assert sampling_weights(objects, targets, 0.0) is None
+    full = sampling_weights(objects, targets, 1.0)
+    assert full is not None and full.sum() == pytest.approx(1.0)
+    assert full[targets == 0].sum() == pytest.approx(0.5)                  # the class mix is the spectra's
+    assert full[:3].sum() == pytest.approx(full[3])                          # power 1: objects a and b alike
+    assert np.allclose(full[4:], 1 / 8)                                      # equal objects: nothing changes
+    half = sampling_weights(objects, targets, 0.5)
+    assert half is not None and full[3] > half[3] > 1 / 8                    # in between
+    with pytest.raises(ConfigError, match="object_balance"):
+        TrainConfig(object_balance=1.5)
+
+
+def test_weighted_batch_keys_follow_the_weights_and_resume():
+    p = np.array([0.0, 0.0, 0.5, 0.5])
+    keys = list(islice(batch_keys(4, 2, seed=3, start_step=0, p=p), 40))
+    drawn = [i for b in keys for _, i in b]
+    assert set(drawn) == {2, 3} and 30 < drawn.count(2) < 50                 # never the weightless ones
+    assert list(islice(batch_keys(4, 2, seed=3, start_step=7, p=p), 3)) == keys[7:10]
 
 
 def test_learning_rate_follows_the_schedule_and_the_time_budget():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ from spectranet.training import metrics as M
 from spectranet.training.data import Spectrum
 from spectranet.training.losses import class_balanced_weights, focal_loss, gaussian_nll, lr_at
 
-__all__ = ["TrainConfig", "parse_overrides", "pick_device", "SimulatedSet", "batch_keys", "batches", "class_weights",
-           "Trainee", "ema_update", "schedule_step", "learning_rate", "out_of_time", "StepLosses", "train_step",
-           "predict", "val_metrics"]
+__all__ = ["TrainConfig", "parse_overrides", "pick_device", "SimulatedSet", "sampling_weights", "batch_keys", "batches",
+           "class_weights", "Trainee", "ema_update", "schedule_step", "learning_rate", "out_of_time", "StepLosses",
+           "train_step", "predict", "val_metrics"]
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -60,6 +60,11 @@ class TrainConfig:
     # objects is a rest-frame blend of the spectrum with one of another object of its class (simulate.mix_spectra).
     mix_prob: float = 0.0
     mix_max_objects: int = 150
+    # Object balance: a spectrum of an object with n training spectra is drawn with weight n ** -object_balance,
+    # renormalised within its class so that the class mix (and the focal loss's class weights) stay as they are. 0:
+    # every spectrum alike (half the training spectra belong to the 3% of objects with more than 10); 1: every object
+    # of a class alike (``sampling_weights``).
+    object_balance: float = 0.0
     init_from: str = ""                # a checkpoint whose weights start the run (fine-tuning); ignored on resume
     normalisation: Normalisation = "continuum"  # SNID-style: flattened templates and calibrated spectra meet here
     seed: int = 0
@@ -106,6 +111,8 @@ class TrainConfig:
                               f"and {self.z_noise}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.object_balance <= 1.0:
+            raise ConfigError(f"object_balance must lie in [0, 1], got {self.object_balance}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -209,14 +216,29 @@ class SimulatedSet(torch.utils.data.Dataset):
         raise PreprocessError(f"no spectrum of class {CLASSES[self.targets[i]]} can be simulated", field="flux")
 
 
-def batch_keys(n: int, batch_size: int, seed: int, start_step: int, rank: int = 0,
-               world: int = 1) -> Iterator[list[tuple[int, int]]]:
-    """Endless batches of (epoch, index) keys: a seeded permutation per epoch, resumable at any step."""
+def sampling_weights(objects: Sequence[str], targets: np.ndarray, power: float) -> np.ndarray | None:
+    """[N] draw probabilities: spectrum i weighs n_obj(i) ** -power (n_obj: its object's spectra), scaled within each
+    class so that the class's share of the draws stays its share of the spectra; None for power 0 (uniform)."""
+    if power == 0:
+        return None
+    keys, inverse, counts = np.unique(np.asarray(objects), return_inverse=True, return_counts=True)
+    w = counts[inverse].astype(np.float64) ** -power
+    for c in np.unique(targets):
+        in_c = targets == c
+        w[in_c] *= in_c.sum() / w[in_c].sum()
+    return w / w.sum()
+
+
+def batch_keys(n: int, batch_size: int, seed: int, start_step: int, rank: int = 0, world: int = 1,
+               p: np.ndarray | None = None) -> Iterator[list[tuple[int, int]]]:
+    """Endless batches of (epoch, index) keys: a seeded permutation per epoch, resumable at any step; with draw
+    probabilities ``p`` [n] each epoch is instead n seeded draws with replacement from ``p``."""
     per_epoch = max(1, n // batch_size)
     step = start_step
     while True:
         epoch, k = divmod(step, per_epoch)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(n) if p is None else rng.choice(n, size=n, p=p)
         idx = perm[k * batch_size:(k + 1) * batch_size]
         yield [(epoch, int(i)) for i in idx[rank::world]]
         step += 1
@@ -226,7 +248,9 @@ def batches(dataset: SimulatedSet, cfg: TrainConfig, device: torch.device, *, st
             world: int = 1) -> Iterator[Any]:
     """Endless collated batches (x, y [B], z [B]) from ``start_step`` on; this process's share of each global batch."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_keys(len(dataset), cfg.batch_size, cfg.seed, start_step, rank, world),
+        dataset, batch_sampler=batch_keys(len(dataset), cfg.batch_size, cfg.seed, start_step, rank, world,
+                                          p=sampling_weights([s.object_id for s in dataset.spectra], dataset.targets,
+                                                             cfg.object_balance)),
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         worker_init_fn=lambda _: torch.set_num_threads(1))
     return iter(loader)
