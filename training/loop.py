@@ -221,7 +221,7 @@ def sampling_weights(objects: Sequence[str], targets: np.ndarray, power: float) 
     class so that the class's share of the draws stays its share of the spectra; None for power 0 (uniform)."""
     if power == 0:
         return None
-    keys, inverse, counts = np.unique(np.asarray(objects), return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(np.asarray(objects), return_inverse=True, return_counts=True)
     w = counts[inverse].astype(np.float64) ** -power
     for c in np.unique(targets):
         in_c = targets == c
