@@ -19,7 +19,7 @@ from spectranet.streamer.science.preprocess import prepare
 from spectranet.streamer.science.taxonomy import CLASSES
 from spectranet.training import metrics as M
 from spectranet.training.ablation import Variant, run_ablation, winner_overrides
-from spectranet.training.calibrate import calibrate, evaluation_sets
+from spectranet.training.calibrate import OOD_REAL_DRAWS, calibrate, evaluation_sets
 from spectranet.training.data import load_galaxies, load_spectra, read_manifest, save_pack
 from spectranet.training.ensemble import add_redshift_members
 from spectranet.training.evaluate import evaluate
@@ -39,7 +39,8 @@ def _write(path: Path, *, obj: str, label: str, z: float, frame: str, wave: np.n
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two objects per class for four classes (two spectra each), one galaxy, one junk and one ambiguous file."""
+    """Two objects per class for four classes (two spectra each), one galaxy, two M dwarfs (real non-transients: the
+    out-of-distribution fit's negatives), one junk and one ambiguous file."""
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
     lines = ["path,source,object,type,redshift,frame,flux_kind"]
@@ -57,6 +58,12 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gw = np.arange(1500.0, 11000.0, 5.0)
     _write(root / "gal.txt", obj="galaxy-E", label="Galaxy/E", z=0.0, frame="rest", wave=gw, flux=np.ones_like(gw))
     lines.append("gal.txt,galaxies,galaxy-E,Galaxy/E,0.0,rest,calibrated")
+    for k in range(2):  # observed M dwarfs: red, with molecular bands at fixed observed wavelengths
+        mw = np.arange(3600.0, 9800.0, 3.0)
+        mflux = (mw / 7000.0) ** 3 * (1 - 0.6 * sum(np.exp(-0.5 * ((mw - c) / 60.0) ** 2) for c in (7100, 7700, 8450)))
+        _write(root / f"gj{k}.txt", obj=f"gj{k}", label="M-dwarf", z=0.0, frame="observed", wave=mw,
+               flux=mflux * (1 + 0.02 * rng.normal(size=mw.size)) * 1e-15)
+        lines.append(f"gj{k}.txt,wiserep,gj{k},M-dwarf,0.0,observed,calibrated")
     _write(root / "junk.txt", obj="hst", label="Ia", z=0.01, frame="observed", wave=np.linspace(1, 40, 50),
            flux=np.ones(50))
     lines.append("junk.txt,osc,hst,Ia,0.01,observed,calibrated")
@@ -71,7 +78,7 @@ def test_loader_drops_junk_and_ambiguous(tiny_data: Path):
     entries = read_manifest(tiny_data / "manifest.csv")
     spectra, dropped = load_spectra(entries)
     assert len(spectra) == 16 and {s.label for s in spectra} == set(_LINES)
-    assert dropped == {"ambiguous or outside taxonomy": 1, "no overlap with the grid": 1}
+    assert dropped == {"ambiguous or outside taxonomy": 3, "no overlap with the grid": 1}  # Ib/c and two M dwarfs
     assert len(load_galaxies(entries)) == 1
     s = spectra[0]
     assert s.wave[0] == pytest.approx(3000.0, rel=1e-6) and np.median(s.flux) == pytest.approx(1.0)  # rest frame
@@ -105,14 +112,18 @@ def test_two_step_training_checkpoint_engine_and_evaluate(tiny_data: Path, tmp_p
     ood = load_checkpoint(tmp_path / "cal" / "spectranet-sedm-0.0.2-test").calibration.ood
     assert ood is not None and ood.clip == 5.0
     assert ood.weights[0] == 0.0 and ood.scale[0] == 1.0  # 3500 A: below every simulated SEDM pixel
+    fit = calibrated.extra["calibration_fit"]  # the real M dwarfs are negatives of the fit, OOD_REAL_DRAWS each
+    assert (fit["n_real_non_transient_objects"], fit["n_real_non_transient_draws"]) == (2, 2 * OOD_REAL_DRAWS)
 
     out = tmp_path / "eval"
     report = evaluate(model=tmp_path / "cal" / "spectranet-sedm-0.0.2-test", data_manifest=tiny_data / "manifest.csv",
                       out_dir=out, max_templates=20)
     data = json.loads((out / "metrics.json").read_text())
     assert data["summary"]["n"] == report["summary"]["n"] > 0
-    assert {"non_transients_flagged", "in_taxonomy_flagged", "real_sedm_flagged"} \
-        <= set(data["summary"]["out_of_distribution"])
+    ood_summary = data["summary"]["out_of_distribution"]
+    assert {"non_transients_flagged", "in_taxonomy_flagged", "real_sedm_flagged"} <= set(ood_summary)
+    assert ood_summary["n_non_transients"] == 2  # scored by scores refitted without them, not the shipped one
+    assert ood_summary["non_transients_flagged_how"].startswith("cross-fitted")
     assert "SpectraNet_classifier_given_true_z" not in data["summary"]  # one network: no rest-frame classifier
     assert {"SpectraNet", "SpectraNet + templates", "baseline", "SpectraNet_beats_baseline", "ece"} \
         <= set(data["summary"])

@@ -51,13 +51,16 @@ from spectranet.training import figures
 from spectranet.training import metrics as M
 from spectranet.training.baseline import build_bank, match
 from spectranet.training.calibrate import (
+    OOD_FOLDS,
     OOD_QUANTILE,
     EvalSet,
+    cross_fitted_non_transients,
     evaluation_sets,
     final_engine,
     fit_probabilities,
     non_transient_set,
     object_folds,
+    ood_data,
     run_model,
     validation_template_bank,
 )
@@ -366,8 +369,19 @@ def evaluate(*, model: str | Path | None, manifest: str | Path | None = None,
     if manifest is None and ckpt.calibration.ood is not None:
         nt = non_transient_set(data_manifest, galaxies, ckpt.preprocess)
         cross = main["model_refined"].get("calibration_cross_fitted", {})
+        shipped_flags = ckpt.calibration.ood.flag(nt.x[:, 0])
+        fitted_on_them = ckpt.extra.get("calibration_fit", {}).get("n_real_non_transient_draws", 0) > 0
+        flags = shipped_flags
+        if fitted_on_them and len(nt.y):  # the shipped score has seen them: refit without each fold's objects
+            x_val = np.concatenate([s.x[:, 0] for s in evaluation_sets(val, galaxies, ckpt.preprocess).values()])
+            flags = cross_fitted_non_transients(ood_data(train, galaxies, ckpt.preprocess, data_manifest), nt, x_val)
         summary["out_of_distribution"] = {
-            "non_transients_flagged": float(ckpt.calibration.ood.flag(nt.x[:, 0]).mean()) if len(nt.y) else math.nan,
+            "non_transients_flagged": float(flags.mean()) if len(nt.y) else math.nan,
+            "non_transients_flagged_how": (f"cross-fitted: scores refitted without the objects of each of "
+                                           f"{OOD_FOLDS} folds" if fitted_on_them else "shipped score (not fitted "
+                                           "on them)"),
+            "non_transients_missed": sorted(set(nt.objects[~flags].tolist())),
+            "non_transients_flagged_shipped_score": float(shipped_flags.mean()) if len(nt.y) else math.nan,
             "n_non_transients": int(len(nt.y)),
             "in_taxonomy_flagged": cross.get("in_taxonomy_flagged", math.nan),
             "in_taxonomy_flagged_shipped_threshold": main["model_refined"].get("out_of_distribution_flagged",

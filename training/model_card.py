@@ -98,7 +98,8 @@ def ood_table(summary: dict[str, Any]) -> str:
     if not o:
         return ""
     return "\n".join(["| out-of-distribution flag | target | measured |", "|---|---|---:|",
-                      f"| real non-transients flagged (M dwarfs, galaxies, AGN; n = {o['n_non_transients']}) "
+                      f"| real non-transients flagged (M dwarfs, galaxies, AGN; n = {o['n_non_transients']}; "
+                      f"{o.get('non_transients_flagged_how', 'shipped score')}) "
                       f"| >= 0.90 | {o['non_transients_flagged']:.3f} |",
                       f"| in-taxonomy validation spectra flagged (cross-fitted threshold) | <= 0.05 | "
                       f"{o['in_taxonomy_flagged']:.3f} |"]
