@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -208,13 +208,8 @@ def ood_data(train: list[Spectrum], galaxies: list, preprocess: PreprocessConfig
     tr = _simulate(train_sub, galaxies, preprocess, seed=777, keep_source_z=SEDM_DEFAULT.keep_source_z)
     real = non_transient_spectra(data_manifest)
     draws = [_simulate(real, galaxies, preprocess, seed=1000 + d, keep_source_z=1.0, labelled=False)
-             for d in range(real_draws)]
-    n_bins = preprocess.grid.n_bins
-    real_set = EvalSet(x=np.concatenate([d.x for d in draws]) if draws else np.zeros((0, 2, n_bins), np.float32),
-                       y=np.concatenate([d.y for d in draws]) if draws else np.zeros(0, int),
-                       z=np.concatenate([d.z for d in draws]) if draws else np.zeros(0),
-                       objects=np.concatenate([d.objects for d in draws]) if draws else np.array([], str),
-                       sources=np.concatenate([d.sources for d in draws]) if draws else np.array([], str))
+             for d in range(real_draws)] or [_simulate([], galaxies, preprocess, seed=0, keep_source_z=1.0)]
+    real_set = EvalSet(**{f.name: np.concatenate([getattr(d, f.name) for d in draws]) for f in fields(EvalSet)})
     return OodData(transients=tr.x[:, 0], templates=simulate_non_transients(non_transient_templates(data_manifest),
                                                                                preprocess)[:, 0], real=real_set)
 
