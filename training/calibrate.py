@@ -61,7 +61,8 @@ OOD_QUANTILE = 0.96
 # The real non-transients as negatives of the out-of-distribution fit (from 0.9.4), OOD_REAL_DRAWS SEDM draws each, and
 # the fit's L2 (scikit-learn's C). Measured on 0.9.1's network, 5 folds by object (3 fold assignments alike): flagged
 # 62/70 -> 66/70 (all 66 M dwarfs; C 0.001-0.03 and 5 or 20 draws all 66/70); in-taxonomy flagged, cross-fitted
-# halves, 4.1% -> 4.4%; real SEDM spectra flagged at C 0.003 / 0.01 / 0.03: 5.9% / 2.4% / 0-0.5% (1 of 41 before).
+# halves, 4.1% -> 4.2% (`spectranet evaluate`); real SEDM spectra flagged at C 0.003 / 0.01 / 0.03: 5.9% / 2.4% /
+# 0-0.5% (1 of 41 before).
 OOD_REAL_DRAWS = 20
 OOD_L2 = 0.01
 OOD_FOLDS = 5
